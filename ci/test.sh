@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's test command: set up everything on a fresh machine and run the whole suite.
+#   bash ci/test.sh            compiled build, then the pure-Python twins, then the fuzz smoke
+#   FAST=1 bash ci/test.sh     skip the slow e2e tests
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash ci/install-system-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+python3 -m pip install -q --upgrade pip >/dev/null
+# Editable install: compiles dispa/_hotpath*.so and dispa/_rust*.so into the source tree, so
+# the tests, the worker subprocesses and `python -m dispa` all use the compiled parts.
+python3 -m pip install -q -e '.[test]'
+python3 -m dispa --version
+
+PYTEST_ARGS=(-q -p no:cacheprovider)
+[ "${FAST:-0}" = 1 ] && PYTEST_ARGS+=(-m "not slow")
+
+echo "== compiled build: full suite"
+python3 -m pytest "${PYTEST_ARGS[@]}" tests
+
+echo "== pure-Python twins (DISPA_NO_EXTENSIONS=1): unit, golden, fuzz and integration"
+DISPA_NO_EXTENSIONS=1 python3 -m pytest "${PYTEST_ARGS[@]}" -m "not slow" tests/unit tests/fuzz tests/integration

@@ -1,0 +1,7 @@
+"""``python -m dispa`` is the ``dispa`` command."""
+
+import sys
+
+from dispa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,159 @@
+"""Compile a validated ``config.model.Config`` into ``StaticSpec`` + ``Snapshot``.
+
+Theory of operation
+-------------------
+This is the only place where the file's vocabulary (``targets``, ``bind_address``,
+``keep_alive_timeout`` in seconds without a unit) meets the runtime's (cluster, endpoint,
+listener, ``*_seconds``). It is pure: the same model always gives the same snapshot, and so
+the same ``Snapshot.version`` (a content hash, see ``snapshot.content_version``).
+
+Rules:
+
+1. The input has passed ``load._check``; anything that could fail was reported there. A
+   failure here is a bug, not an operator error.
+2. One cluster, named ``default``, holds every ``[[targets.targets]]`` entry; endpoint ids are
+   ``host:port`` with the host lowercased (``[v6]:port`` for IPv6) and survive reloads.
+3. ``StaticSpec.workers`` is 0 for ``"auto"``; ``workers_override`` (the CLI) wins.
+
+WARNING: field names of ``config.snapshot`` are read by the worker; keep this in step.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from dispa.config import model as m
+from dispa.config.load import (
+    endpoint_id, parse_host_port, parse_upstream_url, split_domains, _Context,
+)
+from dispa.config.snapshot import (
+    ClusterSpec, EndpointSpec, HealthCheckSpec, Http1Limits, InterceptSpec, ListenerSpec,
+    PoolSpec, ProxySpec, Snapshot, StaticSpec, make_snapshot,
+)
+from dispa.errors import ConfigError
+
+DEFAULT_CLUSTER = "default"
+
+
+def compile_config(config: m.Config, *,
+                   workers_override: int | None = None) -> tuple[StaticSpec, Snapshot]:
+    """Build the static settings and the snapshot of a validated configuration.
+
+    Returns ``(static, snapshot)``. Raises :class:`ConfigError` only if ``config`` did not
+    pass validation (domain or address checks fail again here).
+    """
+    snapshot = make_snapshot(
+        proxy=compile_proxy(config.server),
+        intercept=compile_intercept(config.domains),
+        clusters=(compile_cluster(config.cluster),),
+        default_cluster=DEFAULT_CLUSTER,
+    )
+    return compile_static(config, workers_override), snapshot
+
+
+def compile_static(config: m.Config, workers_override: int | None = None) -> StaticSpec:
+    """Listeners, worker count, admin listeners and shutdown timeout."""
+    server = config.server
+    host, port = _address(parse_host_port(server.bind_address))
+    if workers_override is not None:
+        workers = workers_override
+    else:
+        workers = 0 if server.workers == "auto" else server.workers
+    admin: list[ListenerSpec] = []
+    mon = config.monitoring
+    if mon.enabled:
+        for admin_port in (mon.metrics_port, mon.health_check_port):
+            if all(a.port != admin_port for a in admin):
+                admin.append(ListenerSpec(host=mon.bind_host, port=admin_port))
+    return StaticSpec(
+        listeners=(ListenerSpec(host=host, port=port, backlog=server.backlog),),
+        workers=workers,
+        admin_listeners=tuple(admin),
+        shutdown_timeout_seconds=float(server.shutdown_timeout),
+    )
+
+
+def compile_proxy(server: m.ServerConfig) -> ProxySpec:
+    """Per-request behaviour from ``[server]``."""
+    trusted = tuple(str(ipaddress.ip_network(p.strip(), strict=False))
+                    for p in server.trusted_proxies)
+    return ProxySpec(
+        keep_alive_timeout_seconds=float(server.keep_alive_timeout),
+        request_timeout_seconds=float(server.request_timeout),
+        header_timeout_seconds=float(server.header_timeout),
+        trusted_proxies=tuple(dict.fromkeys(trusted)),
+        via=server.via,
+        request_id_header=server.request_id_header.lower(),
+        limits=Http1Limits(
+            max_head_bytes=server.max_head_bytes,
+            max_header_count=server.max_header_count,
+            max_line_bytes=server.max_line_bytes,
+            allow_bare_lf=server.dangerous_allow_bare_lf,
+        ),
+    )
+
+
+def compile_intercept(domains: m.DomainsConfig) -> InterceptSpec:
+    """Exact names and wildcard suffixes, intercepts and excludes."""
+    ctx = _Context("<compile>", {})
+    exact, suffixes = split_domains(domains.intercept_domains, ("domains", "intercept_domains"),
+                                    domains.wildcard_support, ctx)
+    ex_exact, ex_suffixes = split_domains(domains.exclude_domains,
+                                          ("domains", "exclude_domains"),
+                                          domains.wildcard_support, ctx)
+    ctx.raise_if_any()
+    return InterceptSpec(
+        exact=tuple(exact),
+        wildcard_suffixes=tuple(suffixes),
+        exclude_exact=tuple(ex_exact),
+        exclude_wildcard_suffixes=tuple(ex_suffixes),
+        wildcard_support=domains.wildcard_support,
+        intercept_all=not exact and not suffixes,
+        reject_status=domains.reject_status,
+        reject_body=domains.reject_body,
+    )
+
+
+def compile_cluster(cluster: m.ClusterConfig) -> ClusterSpec:
+    """The ``default`` cluster from ``[targets]``."""
+    endpoints = []
+    for entry in cluster.endpoints:
+        host, port = _address(parse_upstream_url(entry.url))
+        endpoints.append(EndpointSpec(
+            id=endpoint_id(host, port), name=entry.name, host=host, port=port,
+            weight=entry.weight, timeout_seconds=float(entry.timeout),
+        ))
+    health = cluster.health_check
+    pool = cluster.pool
+    lb = cluster.load_balancing
+    return ClusterSpec(
+        name=DEFAULT_CLUSTER,
+        endpoints=tuple(endpoints),
+        lb=type(lb).__struct_config__.tag,
+        sticky_sessions=lb.sticky_sessions,
+        health_check=HealthCheckSpec(
+            enabled=health.enabled,
+            interval_seconds=float(health.interval),
+            timeout_seconds=float(health.timeout),
+            healthy_threshold=health.healthy_threshold,
+            unhealthy_threshold=health.unhealthy_threshold,
+            path=health.path,
+            expected_status=tuple(health.expected_status),
+            host=health.host,
+        ),
+        pool=PoolSpec(
+            max_idle=pool.max_idle,
+            max_total=pool.max_total,
+            idle_timeout_seconds=float(pool.idle_timeout),
+            connect_timeout_seconds=float(pool.connect_timeout),
+            read_timeout_seconds=float(pool.read_timeout),
+            write_timeout_seconds=float(pool.write_timeout),
+        ),
+        max_retries=cluster.max_retries,
+    )
+
+
+def _address(parsed: tuple[str, int] | str) -> tuple[str, int]:
+    if isinstance(parsed, str):
+        raise ConfigError(f"configuration was not validated: {parsed}")
+    return parsed

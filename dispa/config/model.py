@@ -1,0 +1,204 @@
+"""The configuration file's model: one msgspec Struct per table of the file.
+
+Theory of operation
+-------------------
+These Structs describe the file exactly as the operator writes it: the original Dispa TOML
+format (``../shared/compat/config.example.toml``), extended with new keys. ``config.load``
+builds them table by table (so that every error is reported, not just the first) and
+``config.compile`` turns them into the ``Snapshot``/``StaticSpec`` that the runtime uses.
+
+Rules:
+
+1. Every Struct is frozen and rejects unknown keys; per-value constraints live in ``Meta``
+   annotations, cross-field rules in ``load._check_*``.
+2. Config keys keep the original names (``bind_address``, ``keep_alive_timeout``, seconds
+   implied). Python attribute names follow the glossary (docs/glossary.md): the legacy
+   ``targets`` table is the attribute ``cluster`` and its ``targets`` list is ``endpoints``;
+   ``msgspec.field(name=...)`` keeps the file's spelling. Error paths, the JSON schema and
+   ``LoadedConfig.as_dict()`` all use the file's spelling.
+3. Choices are tagged unions on ``type`` (``[targets.load_balancing] type = "weighted"``).
+4. Every field has a default except ``targets.targets[].name``/``url``; the defaults are
+   documented in docs/configuration.md, and tests/unit/config/test_docs.py checks that the
+   document names every key.
+
+WARNING: a new key here needs a row in docs/configuration.md, a check in ``load`` if it has
+cross-field rules, and a line in ``compile`` if the runtime uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+from msgspec import Meta
+
+# Shared value types. Durations are seconds (int or float); the upper bound only catches
+# typos such as a value in milliseconds.
+MAX_SECONDS = 7 * 24 * 3600
+Seconds = Annotated[float, Meta(gt=0, le=MAX_SECONDS, description="seconds (> 0)")]
+Port = Annotated[int, Meta(ge=0, le=65535, description="TCP port; 0 lets the OS pick (tests)")]
+PositiveInt = Annotated[int, Meta(ge=1)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+
+
+class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every table: frozen, unknown keys rejected."""
+
+
+# ---------------------------------------------------------------- [server]
+
+class ServerConfig(_Table):
+    """``[server]``: the downstream listener and per-request limits."""
+
+    bind_address: str = "0.0.0.0:8080"  # "host:port"; IPv6 as "[::1]:8080"
+    workers: Union[PositiveInt, Literal["auto"]] = "auto"
+    keep_alive_timeout: Seconds = 60.0
+    request_timeout: Seconds = 30.0
+    shutdown_timeout: Seconds = 30.0
+    header_timeout: Seconds = 10.0
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    via: str = "dispa"
+    request_id_header: str = "x-request-id"
+    # Limits: precedents in protocols/http1/limits.py (nginx large_client_header_buffers,
+    # h11 DEFAULT_MAX_INCOMPLETE_EVENT_SIZE = 16 KiB, Node.js --max-http-header-size).
+    max_head_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65536
+    max_header_count: Annotated[int, Meta(ge=1, le=10000)] = 100
+    max_line_bytes: Annotated[int, Meta(ge=256, le=16 * 1024 * 1024)] = 8192
+    dangerous_allow_bare_lf: bool = False
+    backlog: Annotated[int, Meta(ge=1, le=65535)] = 1024
+
+
+# ---------------------------------------------------------------- [domains]
+
+class DomainsConfig(_Table):
+    """``[domains]``: which Host names are proxied."""
+
+    intercept_domains: list[str] = msgspec.field(default_factory=list)
+    exclude_domains: list[str] = msgspec.field(default_factory=list)
+    wildcard_support: bool = True
+    reject_status: Annotated[int, Meta(ge=200, le=599)] = 404
+    reject_body: str = "host not served by this proxy\n"
+
+
+# ---------------------------------------------------------------- [targets]
+
+class EndpointConfig(_Table):
+    """One ``[[targets.targets]]`` entry: an upstream endpoint."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    url: str  # "http://host[:port]"; path empty or "/"
+    weight: PositiveInt = 1
+    timeout: Seconds = 30.0
+
+
+class LoadBalancing(_Table, tag_field="type"):
+    """``[targets.load_balancing]``: how an endpoint is picked; ``type`` selects the variant."""
+
+    sticky_sessions: bool = False
+
+
+class RoundRobin(LoadBalancing, tag="roundrobin"):
+    """Each endpoint in turn."""
+
+
+class Weighted(LoadBalancing, tag="weighted"):
+    """In proportion to ``weight`` (smooth weighted round robin)."""
+
+
+class LeastConnections(LoadBalancing, tag="leastconnections"):
+    """The endpoint with the fewest requests in flight (per worker)."""
+
+
+class Random(LoadBalancing, tag="random"):
+    """Uniformly at random."""
+
+
+LoadBalancingChoice = Union[RoundRobin, Weighted, LeastConnections, Random]
+
+
+class HealthCheckConfig(_Table):
+    """``[targets.health_check]``: active checks run by the master."""
+
+    enabled: bool = True
+    interval: Seconds = 30.0
+    timeout: Seconds = 10.0
+    healthy_threshold: PositiveInt = 2
+    unhealthy_threshold: PositiveInt = 3
+    path: str = "/"
+    expected_status: list[Annotated[int, Meta(ge=100, le=599)]] = msgspec.field(
+        default_factory=list)
+    host: str = ""
+
+
+class PoolConfig(_Table):
+    """``[targets.pool]``: keep-alive pool limits, per endpoint and per worker."""
+
+    max_idle: NonNegativeInt = 64
+    max_total: PositiveInt = 1024
+    idle_timeout: Seconds = 60.0
+    connect_timeout: Seconds = 5.0
+    read_timeout: Seconds = 30.0
+    write_timeout: Seconds = 30.0
+
+
+class ClusterConfig(_Table):
+    """``[targets]``: the upstream cluster (one, named "default", for now)."""
+
+    endpoints: list[EndpointConfig] = msgspec.field(default_factory=list, name="targets")
+    load_balancing: LoadBalancingChoice = RoundRobin()
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    pool: PoolConfig = PoolConfig()
+    max_retries: Annotated[int, Meta(ge=0, le=10)] = 1
+
+
+# ---------------------------------------------------------------- [logging]
+
+class DatabaseLogConfig(_Table):
+    """``[logging.database]``: traffic log store."""
+
+    url: str = "sqlite://./data/traffic.db"
+    max_connections: PositiveInt = 10
+    connection_timeout: Seconds = 30.0
+
+
+class FileLogConfig(_Table):
+    """``[logging.file]``: traffic log files."""
+
+    directory: Annotated[str, Meta(min_length=1)] = "./logs"
+    max_file_size: Annotated[int, Meta(ge=1024)] = 100_000_000
+    rotation: bool = True
+
+
+class LoggingConfig(_Table):
+    """``[logging]``: traffic logging (enabled/type/...) and Dispa's own log (level/format)."""
+
+    enabled: bool = False
+    type: Literal["file", "database", "both"] = "file"
+    retention_days: NonNegativeInt = 30  # 0: keep forever
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "logfmt", "text"] = "json"
+    database: DatabaseLogConfig = DatabaseLogConfig()
+    file: FileLogConfig = FileLogConfig()
+
+
+# ---------------------------------------------------------------- [monitoring]
+
+class MonitoringConfig(_Table):
+    """``[monitoring]``: the admin listeners (/health, /metrics, /admin/*) of the master."""
+
+    enabled: bool = True
+    metrics_port: Port = 9090
+    health_check_port: Port = 8081
+    bind_host: Annotated[str, Meta(min_length=1)] = "127.0.0.1"
+
+
+# ---------------------------------------------------------------- top level
+
+class Config(_Table):
+    """The whole file."""
+
+    server: ServerConfig = ServerConfig()
+    domains: DomainsConfig = DomainsConfig()
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig, name="targets")
+    logging: LoggingConfig = LoggingConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()

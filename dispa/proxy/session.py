@@ -1,0 +1,698 @@
+"""The downstream side of the proxy: one Session per client connection.
+
+Theory of operation
+-------------------
+A Session is an asyncio.Protocol. Bytes from the client go into the HTTP/1.1 parser
+(compiled, sans-I/O); the parser hands back events (HEAD, DATA, END, UPGRADE) and the
+Session walks the request phases of ARCHITECTURE §2 for each message:
+
+  accept -> parse head -> route (interception) -> upstream choice -> forward -> respond -> log
+
+Rule 1: one exchange at a time per connection. Pipelined requests stay in the parser's
+buffer until the current response is complete, so responses leave in request order; while
+an exchange is waiting for its response, reading from the client is paused so a client
+cannot make us buffer without bound.
+
+Rule 2: one write per direction per message where the bytes allow it. The upstream request
+head and any body bytes already received leave in one ``write``; the response head and the
+body bytes that arrived with it leave in one ``write`` (an extra syscall costs more than all
+the Python work on a request).
+
+Rule 3: backpressure both ways. When the upstream socket's write buffer fills, client reading
+pauses; when the client's write buffer fills, upstream reading pauses. Nothing is buffered
+beyond the transports' high-water marks, so a 1 GiB body streams in constant memory.
+
+Rule 4: nothing of a rejected request reaches an upstream. A ProtocolError closes the
+connection after a 4xx/5xx; a request whose framing we cannot trust is never forwarded.
+
+Retries: a request is retried on another endpoint when connecting failed (nothing was sent),
+and an idempotent request without a body is retried once on a fresh connection when a
+reused keep-alive connection closed before any response byte (the server closed it while it
+sat in our pool). Both are decided here, in the core, never in filters.
+
+WARNING: the state fields below are reset in ``_reset_exchange``; a field added to the
+exchange must be reset there too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from dispa.errors import UpstreamError
+from dispa.proxy.forwarding import FORWARDING_HEADERS, forwarding_headers
+from dispa.protocols.http1 import (
+    DATA, END, HEAD, LAST_CHUNK, NEED_DATA, UPGRADE, ProtocolError, RequestParser,
+    encode_chunk, proxy_request_head, proxy_response_head, write_response_head,
+)
+
+log = logging.getLogger("dispa.proxy")
+
+# Session states
+IDLE = 0  # waiting for a request head (keep-alive or new connection)
+CONNECTING = 1  # waiting for an upstream connection
+PROXYING = 2  # upstream attached: request and/or response flowing
+TUNNEL = 3  # after 101 Switching Protocols: raw bytes both ways
+CLOSED = 4
+
+# Response body modes towards the client
+R_NONE = 0  # no body (HEAD, 1xx, 204, 304)
+R_LENGTH = 1  # Content-Length passed through
+R_CHUNKED = 2  # chunked coding towards the client
+R_CLOSE = 3  # delimited by closing the connection (HTTP/1.0 client, unknown length)
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+# Hop-by-hop and rebuilt headers dropped from the downstream copy (the writer also drops
+# the RFC 9110 §7.6.1 hop-by-hop set and every name listed in Connection).
+_DROP_REQUEST = FORWARDING_HEADERS | {b"expect"}
+_DROP_RESPONSE = frozenset({b"x-request-id"})
+
+_REASONS = {
+    400: b"Bad Request", 404: b"Not Found", 408: b"Request Timeout", 413: b"Content Too Large",
+    414: b"URI Too Long", 421: b"Misdirected Request", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+    403: b"Forbidden",
+}
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_MAX_PENDING_BYTES = 256 * 1024  # body bytes held while connecting before pausing the client
+
+
+class Session(asyncio.Protocol):
+    """One client connection (see the module docstring)."""
+
+    def __init__(self, server):
+        self.server = server  # dispa.server.worker.DataPlane
+        self.transport = None
+        self.parser = None
+        self.peer_ip = ""
+        self.state = IDLE
+        self.deadline = 0.0  # monotonic; 0 = none. Checked by the server's sweeper.
+        self.read_paused = False
+        self.write_paused = False
+        self.close_after = False  # close once the current response is written
+        self.requests = 0
+        self.in_head = False  # bytes of a request head have arrived, head not complete yet
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.head = None
+        self.rt = None
+        self.cluster = None
+        self.ep = -1
+        self.tried = None
+        self.upstream = None
+        self.up_head = b""
+        self.pending = None
+        self.pending_bytes = 0
+        self.up_chunked = False
+        self.req_complete = False
+        self.body_sent = False
+        self.resp_head = None
+        self.resp_mode = R_NONE
+        self.resp_started = False
+        self.resp_status = 0
+        self.keep_alive = False
+        self.t0 = 0.0
+        self.domain = ""
+        self.rid = b""
+        self.connect_task = None
+        self.continue_sent = False
+
+    # ------------------------------------------------------------------ accept phase
+    def connection_made(self, transport):  # type: ignore[override]
+        self.transport = transport
+        server = self.server
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        self.parser = RequestParser(**server.runtime.parser_kwargs)
+        transport.set_write_buffer_limits(high=256 * 1024)
+        server.sessions.add(self)
+        self.deadline = time.monotonic() + server.runtime.proxy.keep_alive_timeout_seconds
+        if server.draining:
+            self.close_after = True
+
+    def connection_lost(self, exc) -> None:
+        prev = self.state
+        self.state = CLOSED
+        self.server.sessions.discard(self)
+        if prev in (CONNECTING, PROXYING, TUNNEL):
+            # Client went away mid-exchange: abort the upstream request, never pool it.
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+            up = self.upstream
+            if up is not None:
+                up.owner = None
+                up.close()
+            if self.cluster is not None and self.ep >= 0:
+                self.cluster.selector.release(self.ep)
+            if prev != TUNNEL:
+                self._log_request(499)
+        self._reset_exchange()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.state != CLOSED:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.read_paused and self.state != CLOSED:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ downstream bytes
+    def data_received(self, data: bytes) -> None:
+        if self.state == TUNNEL:
+            self.upstream.transport.write(data)
+            return
+        if self.state == IDLE and not self.in_head:
+            # First bytes of a new request head: the header timeout starts now.
+            self.in_head = True
+            self.deadline = time.monotonic() + self.server.runtime.proxy.header_timeout_seconds
+        self.parser.feed(data)
+        self._process()
+
+    def eof_received(self):
+        if self.state == TUNNEL and self.upstream is not None:
+            try:
+                self.upstream.transport.write_eof()
+            except (OSError, RuntimeError):
+                self.upstream.close()
+            return True
+        if self.state == IDLE:
+            return False  # clean close between requests
+        # Half-close mid-request: finish what we can; the parser decides if the request
+        # was complete.
+        self.parser.feed_eof()
+        self._process()
+        return True
+
+    def _process(self) -> None:
+        parser = self.parser
+        while self.state != CLOSED:
+            if self.req_complete:
+                # Rule 1: a full request is in flight; hold pipelined bytes in the parser.
+                if self.state != IDLE:
+                    self._pause_reading()
+                    return
+            try:
+                ev = parser.next_event()
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if ev == NEED_DATA:
+                if parser.eof and self.state == IDLE:
+                    self._close()
+                return
+            if ev == HEAD:
+                self._on_head(parser.head)
+            elif ev == DATA:
+                self._on_body(parser.take_data())
+            elif ev == END:
+                self._on_body_end()
+            elif ev == UPGRADE:
+                # The request head was handled; further bytes belong to the tunnel.
+                self.req_complete = True
+                return
+
+    # ------------------------------------------------------------------ request phases
+    def _on_head(self, head) -> None:
+        server = self.server
+        rt = server.runtime
+        self.rt = rt
+        self.head = head
+        self.in_head = False
+        self.t0 = time.monotonic()
+        self.requests += 1
+        self.req_complete = False
+        self.deadline = self.t0 + rt.proxy.request_timeout_seconds
+        if server.slowdown_us:
+            server.busy_wait()
+
+        # request id: propagate a sane incoming one, else generate
+        rid_name = rt.request_id_header
+        if rid_name:
+            rid = head.get(rid_name)
+            if rid is None or len(rid) > 200 or not rid.isascii():
+                rid = server.next_request_id()
+            self.rid = rid
+
+        # route: domain interception. Absolute-form targets carry the authority (RFC 9112 §3.2.2).
+        target = head.target
+        host = head.get(b"host") or b""
+        if target[:7].lower() == b"http://":
+            slash = target.find(b"/", 7)
+            host = target[7:slash] if slash > 0 else target[7:]
+            target = target[slash:] if slash > 0 else b"/"
+        self.domain = server.domain_label(host)
+        if not rt.intercept.match(host):
+            self._respond_local(rt.reject_status, rt.reject_body, close=self._has_body(head))
+            return
+
+        self.keep_alive = head.keep_alive and not self.close_after
+        cluster = rt.default_cluster
+        self.cluster = cluster
+
+        # upstream request head (phase 6): downstream headers minus hop-by-hop, plus ours
+        extra = forwarding_headers(head, self.peer_ip, rt.trusted.contains(self.peer_ip), rt.via)
+        if rid_name:
+            extra.append((rid_name, self.rid))
+        if head.chunked:
+            extra.append((b"Transfer-Encoding", b"chunked"))
+            self.up_chunked = True
+        elif head.content_length >= 0:
+            extra.append((b"Content-Length", str(head.content_length).encode()))
+        if head.upgrade:
+            extra.append((b"Connection", b"upgrade"))
+        self.up_head = proxy_request_head(head, target, _DROP_REQUEST, extra)
+        self._choose_and_connect()
+
+    @staticmethod
+    def _has_body(head) -> bool:
+        return head.chunked or head.content_length > 0
+
+    def _choose_and_connect(self) -> None:
+        cluster = self.cluster
+        i = cluster.pick(self.peer_ip, self.tried)
+        if i < 0:
+            self._respond_local(503, b"no upstream endpoint available\n",
+                                close=not self.req_complete)
+            return
+        self.ep = i
+        cluster.selector.acquire(i)
+        pool = cluster.pools[i]
+        conn = pool.take_idle()
+        if conn is not None:
+            self._attach(conn)
+            return
+        self.state = CONNECTING
+        ep = cluster.endpoints[i]
+        timeout = min(pool.spec.connect_timeout_seconds, ep.timeout_seconds)
+        self.connect_task = asyncio.ensure_future(self._connect(pool, timeout))
+
+    async def _connect(self, pool, timeout: float) -> None:
+        try:
+            conn = await pool.connect(timeout)
+        except UpstreamError as exc:
+            self.connect_task = None
+            if self.state != CONNECTING:
+                return
+            self._upstream_failed(exc, connect=True)
+            return
+        except asyncio.CancelledError:
+            return
+        self.connect_task = None
+        if self.state != CONNECTING:
+            conn.close()  # the client left while we were connecting
+            return
+        self._attach(conn)
+
+    def _attach(self, conn) -> None:
+        self.state = PROXYING
+        self.upstream = conn
+        conn.owner = self
+        conn.parser.expect(self.head.method)
+        head = self.head
+        if head.expect_continue and not self.continue_sent and not self.req_complete:
+            # We ask the client for its body ourselves; Expect was stripped upstream.
+            self.continue_sent = True
+            if head.version == 11:
+                self.transport.write(_CONTINUE)
+        out = self.up_head
+        if self.pending:
+            out = b"".join([out, *self.pending])
+            self.pending = None
+            self.pending_bytes = 0
+            self.body_sent = True
+            self._resume_reading()
+        conn.transport.write(out)
+        if conn.paused and not self.write_paused:
+            conn.resume_reading()
+
+    def _on_body(self, chunk: bytes) -> None:
+        if self.state == IDLE:
+            return  # body of a request we already answered locally (and will close)
+        if self.up_chunked:
+            chunk = encode_chunk(chunk)
+        if self.state == PROXYING:
+            self.body_sent = True
+            self.upstream.transport.write(chunk)
+        else:
+            if self.pending is None:
+                self.pending = []
+            self.pending.append(chunk)
+            self.pending_bytes += len(chunk)
+            if self.pending_bytes > _MAX_PENDING_BYTES:
+                self._pause_reading()
+
+    def _on_body_end(self) -> None:
+        self.req_complete = True
+        if self.state == IDLE:
+            return
+        if self.up_chunked:
+            trailers = self.parser.trailers
+            if trailers:
+                last = b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n"
+            else:
+                last = LAST_CHUNK
+            self._send_raw(last)
+
+    def _send_raw(self, data: bytes) -> None:
+        if self.state == PROXYING:
+            self.upstream.transport.write(data)
+        else:
+            if self.pending is None:
+                self.pending = []
+            self.pending.append(data)
+
+    # ------------------------------------------------------------------ upstream events
+    def upstream_data(self, conn, data: bytes) -> None:
+        if self.state == TUNNEL:
+            self.transport.write(data)
+            return
+        parser = conn.parser
+        parser.feed(data)
+        out = []
+        finished = False
+        try:
+            while True:
+                ev = parser.next_event()
+                if ev == NEED_DATA:
+                    break
+                if ev == DATA:
+                    chunk = parser.take_data()
+                    if self.resp_mode == R_CHUNKED:
+                        out.append(encode_chunk(chunk))
+                    elif self.resp_mode != R_NONE:
+                        out.append(chunk)
+                elif ev == HEAD:
+                    if self._on_response_head(parser.head, out):
+                        continue
+                elif ev == END:
+                    if self.resp_status and self.resp_status < 200:
+                        self.resp_status = 0  # interim response done; the final one follows
+                        continue
+                    if self.resp_mode == R_CHUNKED:
+                        out.append(LAST_CHUNK)
+                    finished = True
+                    break
+                elif ev == UPGRADE:
+                    rest = parser.take_rest()
+                    if rest:
+                        out.append(rest)
+                    self.transport.write(b"".join(out))
+                    self._start_tunnel()
+                    return
+        except ProtocolError as exc:
+            self._upstream_failed(UpstreamError(f"invalid upstream response: {exc}"),
+                                  connect=False, bad_response=True)
+            return
+        if out:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if finished:
+            self._finish_exchange(conn, reusable=parser.head.keep_alive)
+
+    def _on_response_head(self, rh, out: list) -> bool:
+        """Handle a response head; return True for an interim (1xx) one."""
+        status = rh.status
+        self.resp_status = status
+        self.deadline = time.monotonic() + self.cluster.endpoints[self.ep].timeout_seconds
+        if status < 200 and status != 101:
+            # 1xx: forward to HTTP/1.1 clients (103 Early Hints), not to HTTP/1.0 ones.
+            if self.head.version == 11 and status != 100:
+                out.append(proxy_response_head(rh, _DROP_RESPONSE, ()))
+            return True
+        head = self.head
+        extra = []
+        if status == 101:
+            self.resp_mode = R_NONE
+            extra.append((b"Connection", b"upgrade"))
+        elif head.method == b"HEAD" or status == 204 or status == 304:
+            self.resp_mode = R_NONE
+            if rh.content_length >= 0 and status != 204:
+                extra.append((b"Content-Length", str(rh.content_length).encode()))
+        elif rh.content_length >= 0 and not rh.chunked:
+            self.resp_mode = R_LENGTH
+            extra.append((b"Content-Length", str(rh.content_length).encode()))
+        elif head.version == 11:
+            self.resp_mode = R_CHUNKED
+            extra.append((b"Transfer-Encoding", b"chunked"))
+        else:
+            self.resp_mode = R_CLOSE
+            self.keep_alive = False
+        if status != 101:
+            if not self.req_complete:
+                # The upstream answered before the whole request arrived; we cannot
+                # find the next request boundary reliably without reading it all.
+                self.keep_alive = False
+            if self.keep_alive and self.server.draining:
+                self.keep_alive = False
+            if not self.keep_alive:
+                extra.append((b"Connection", b"close"))
+            elif head.version == 10:
+                extra.append((b"Connection", b"keep-alive"))
+        if self.rid:
+            extra.append((b"X-Request-Id", self.rid))
+        out.append(proxy_response_head(rh, _DROP_RESPONSE, extra))
+        self.resp_started = True
+        return False
+
+    def upstream_lost(self, conn, exc) -> None:
+        """The upstream connection closed while serving us."""
+        if self.state == TUNNEL:
+            self._close()
+            return
+        if self.state != PROXYING or conn is not self.upstream:
+            return
+        parser = conn.parser
+        if self.resp_started:
+            # Close-delimited body ends here; anything else was cut short.
+            parser.feed_eof()
+            try:
+                ev = parser.next_event()
+                while ev == DATA:
+                    chunk = parser.take_data()
+                    self.transport.write(encode_chunk(chunk) if self.resp_mode == R_CHUNKED
+                                         else chunk)
+                    ev = parser.next_event()
+            except ProtocolError:
+                ev = NEED_DATA
+            if ev == END:
+                if self.resp_mode == R_CHUNKED:
+                    self.transport.write(LAST_CHUNK)
+                self._finish_exchange(conn, reusable=False)
+            else:
+                self._abort("upstream closed mid-response")
+            return
+        retry_ok = (conn.reused and not self.body_sent and self.req_complete
+                    and self.head.method in IDEMPOTENT and self.resp_status == 0)
+        if retry_ok:
+            # A pooled connection the server had already closed: retry on a fresh one.
+            self.upstream = None
+            self.state = CONNECTING
+            pool = self.cluster.pools[self.ep]
+            ep = self.cluster.endpoints[self.ep]
+            timeout = min(pool.spec.connect_timeout_seconds, ep.timeout_seconds)
+            self.connect_task = asyncio.ensure_future(self._connect(pool, timeout))
+            return
+        self._upstream_failed(UpstreamError("upstream closed the connection"), connect=False)
+
+    def upstream_pause_writing(self) -> None:
+        self._pause_reading()
+
+    def upstream_resume_writing(self) -> None:
+        if not (self.req_complete and self.state == PROXYING):
+            self._resume_reading()
+
+    # ------------------------------------------------------------------ failures
+    def _upstream_failed(self, exc: UpstreamError, *, connect: bool,
+                         bad_response: bool = False) -> None:
+        cluster = self.cluster
+        i = self.ep
+        if i >= 0:
+            cluster.selector.release(i)
+            if connect:
+                cluster.mark_failed(i)
+                self.server.report_passive(cluster.name, cluster.endpoints[i].id, "connect_failed")
+            self.server.metrics.observe_upstream(
+                cluster.endpoints[i].id,
+                "timeout" if exc.status_hint == 504 else
+                ("bad_response" if bad_response else
+                 ("connect_error" if connect else "reset")), time.monotonic() - self.t0)
+        up = self.upstream
+        if up is not None:
+            up.owner = None
+            up.close()
+            self.upstream = None
+        if self.resp_started:
+            self._abort(str(exc))
+            return
+        # Retry on another endpoint when nothing was sent (connect failure) and retries remain.
+        if connect and exc.retryable and not self.body_sent:
+            tried = self.tried or set()
+            tried.add(i)
+            self.tried = tried
+            if len(tried) <= cluster.spec.max_retries and len(tried) < len(cluster.endpoints):
+                self.server.metrics.inc("dispa_retries_total")
+                self.ep = -1
+                self._choose_and_connect()
+                return
+        self._respond_local(exc.status_hint, (str(exc) + "\n").encode(),
+                            close=not self.req_complete)
+
+    def on_deadline(self, now: float) -> None:
+        """Called by the server's sweeper when ``deadline`` has passed."""
+        st = self.state
+        if st == IDLE:
+            if self.in_head:
+                # A request head that is taking too long (slowloris): 408, then close.
+                self.head = None
+                self._respond_local(408, b"request head timeout\n", close=True)
+            else:
+                self._close()  # keep-alive idle timeout
+            return
+        if st in (CONNECTING, PROXYING):
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+                self.connect_task = None
+            self._upstream_failed(UpstreamError("upstream timed out", status_hint=504),
+                                  connect=False)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        status = exc.status_hint
+        self.server.metrics.inc("dispa_protocol_errors_total", (("status", str(status)),))
+        log.info("rejected malformed request from %s: %s (%d)", self.peer_ip, exc, status,
+                 extra={"fields": {"peer": self.peer_ip, "status": status, "error": str(exc)}})
+        if self.state in (CONNECTING, PROXYING):
+            # The bad bytes came mid-body: the upstream must not see the rest. Abort it.
+            if self.upstream is not None:
+                self.upstream.owner = None
+                self.upstream.close()
+                self.upstream = None
+            if self.connect_task is not None:
+                self.connect_task.cancel()
+            if self.cluster is not None and self.ep >= 0:
+                self.cluster.selector.release(self.ep)
+            if self.resp_started:
+                self._abort("malformed request body")
+                return
+        self.state = IDLE
+        if self.head is None:
+            self.t0 = time.monotonic()
+            self.domain = "-"
+        body = f"bad request: {exc}\n".encode() if status < 500 else f"{exc}\n".encode()
+        self._respond_local(status, body, close=True)
+
+    # ------------------------------------------------------------------ responses & finish
+    def _respond_local(self, status: int, body: bytes, *, close: bool) -> None:
+        """Answer the current request ourselves (interception miss, 5xx, 4xx)."""
+        head = self.head
+        if close or head is None or not head.keep_alive or self.close_after:
+            close = True
+        headers = [(b"Content-Type", b"text/plain; charset=utf-8"),
+                   (b"Content-Length", str(len(body)).encode())]
+        if self.rid:
+            headers.append((b"X-Request-Id", self.rid))
+        if close:
+            headers.append((b"Connection", b"close"))
+        elif head is not None and head.version == 10:
+            headers.append((b"Connection", b"keep-alive"))
+        reason = _REASONS.get(status, b"Error")
+        data = write_response_head(status, reason, headers)
+        if head is None or head.method != b"HEAD":
+            data += body
+        self.transport.write(data)
+        self.resp_status = status
+        self._log_request(status)
+        self.state = IDLE
+        if close:
+            self._close()
+            return
+        # keep-alive after a local answer: only if the request body (if any) is consumed
+        req_complete = self.req_complete or not self._has_body(head)
+        self._reset_exchange()
+        self.req_complete = False
+        self.deadline = time.monotonic() + self.server.runtime.proxy.keep_alive_timeout_seconds
+        if not req_complete:
+            self._close()
+            return
+        self._resume_reading()
+
+    def _finish_exchange(self, conn, *, reusable: bool) -> None:
+        cluster = self.cluster
+        cluster.selector.release(self.ep)
+        status = self.resp_status
+        self.server.metrics.observe_upstream(cluster.endpoints[self.ep].id, "ok",
+                                             time.monotonic() - self.t0)
+        conn.owner = None
+        self.upstream = None
+        if reusable and self.req_complete and not conn.parser.eof:
+            cluster.pools[self.ep].release(conn)
+        else:
+            conn.close()
+        self._log_request(status)
+        keep = self.keep_alive and self.req_complete
+        self.state = IDLE
+        self._reset_exchange()
+        if not keep or self.close_after:
+            self._close()
+            return
+        self.deadline = time.monotonic() + self.server.runtime.proxy.keep_alive_timeout_seconds
+        self._resume_reading()
+        self._process()  # pipelined requests already buffered
+
+    def _start_tunnel(self) -> None:
+        self.state = TUNNEL
+        self.deadline = 0.0
+        self._log_request(101)
+        rest = self.parser.take_rest()
+        if rest:
+            self.upstream.transport.write(rest)
+        self._resume_reading()
+
+    def _abort(self, why: str) -> None:
+        log.info("aborting client connection from %s: %s", self.peer_ip, why)
+        self._log_request(self.resp_status or 502)
+        up = self.upstream
+        if up is not None:
+            up.owner = None
+            up.close()
+            self.upstream = None
+        self.state = CLOSED
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close(self) -> None:
+        if self.state == TUNNEL and self.upstream is not None:
+            self.upstream.owner = None
+            self.upstream.close()
+            self.upstream = None
+        self.state = CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else after the current response."""
+        self.close_after = True
+        if self.state == IDLE and not self.req_complete:
+            self._close()
+
+    # ------------------------------------------------------------------ log phase
+    def _log_request(self, status: int) -> None:
+        head = self.head
+        method = head.method.decode("latin-1") if head is not None else "-"
+        self.server.metrics.observe_request(self.domain or "-", method, status,
+                                            time.monotonic() - self.t0)

@@ -1,0 +1,236 @@
+"""The data-plane worker process: uvloop, its own SO_REUSEPORT listeners, the proxy.
+
+Started by the master as ``python -m dispa.server.worker --fd N`` with one end of a
+socketpair. Lifecycle:
+
+1. read ``Init`` (static spec, first snapshot, health, log settings);
+2. build the runtime, bind the listeners, start serving, send ``Ready``;
+3. serve; ``ApplySnapshot`` builds a new runtime off to the side and swaps it in (ACK/NACK);
+   ``HealthUpdate`` flips endpoint health; ``StatsRequest`` answers with cumulative counters;
+4. ``Drain`` (or SIGTERM, or the master vanishing): close the listeners, let in-flight
+   requests finish up to the deadline, exit 0.
+
+The worker ignores SIGINT: a Ctrl-C in a terminal reaches the whole process group, and the
+master turns it into an orderly Drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from dispa.observability import logs
+from dispa.observability.metrics import WorkerMetrics
+from dispa.proxy.runtime import WorkerState, build_runtime
+from dispa.proxy.session import Session
+from dispa.routing.vhost import normalize_host
+from dispa.server import messages as m
+from dispa.server.channel import open_channel
+from dispa.server.listeners import bind_listener
+from dispa.errors import StartupError
+
+log = logging.getLogger("dispa.worker")
+
+SWEEP_INTERVAL_SECONDS = 0.1
+_DOMAIN_LABEL_LIMIT = 1000  # distinct domain label values per worker before "other"
+
+
+class DataPlane:
+    """One worker's serving state (what a Session sees as ``server``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, init: m.Init, channel):
+        self.loop = loop
+        self.worker_id = init.worker_id
+        self.channel = channel
+        self.static = init.static
+        self.state = WorkerState(loop)
+        self.state.health.update(init.health)
+        self.runtime = build_runtime(init.snapshot, self.state)
+        self.metrics = WorkerMetrics()
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self.slowdown_us = init.slowdown_us
+        self.servers: list[asyncio.AbstractServer] = []
+        self._rid_prefix = os.urandom(6).hex() + "-"
+        self._rid_counter = 0
+        self._domains: dict[bytes, str] = {}
+        self._passive: list[tuple[str, str, str]] = []
+        self.exit_code = 0
+        self.done = loop.create_future()
+
+    # ---------------------------------------------------------------- used by sessions
+    def next_request_id(self) -> bytes:
+        self._rid_counter += 1
+        return f"{self._rid_prefix}{self._rid_counter:x}".encode()
+
+    def domain_label(self, raw_host: bytes) -> str:
+        label = self._domains.get(raw_host)
+        if label is None:
+            label = normalize_host(raw_host) or "-" if len(self._domains) < _DOMAIN_LABEL_LIMIT \
+                else "other"
+            self._domains[raw_host] = label
+        return label
+
+    def report_passive(self, cluster: str, endpoint_id: str, event: str) -> None:
+        self._passive.append((cluster, endpoint_id, event))
+
+    def busy_wait(self) -> None:
+        # Perf-gate self-test only (DISPA_PERF_SLOWDOWN_US): burn CPU like a slow hot path.
+        end = time.perf_counter() + self.slowdown_us / 1e6
+        while time.perf_counter() < end:
+            pass
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        sockets = [bind_listener(spec) for spec in self.static.listeners]
+        for sock in sockets:
+            srv = await self.loop.create_server(lambda: Session(self), sock=sock,
+                                                backlog=self.static.listeners[0].backlog)
+            self.servers.append(srv)
+        self.loop.create_task(self._sweeper())
+
+    async def _sweeper(self) -> None:
+        last_pool_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+            now = time.monotonic()
+            for s in [s for s in self.sessions if s.deadline and s.deadline < now]:
+                try:
+                    s.on_deadline(now)
+                except Exception:  # noqa: BLE001 - one broken session must not stop the sweeper
+                    log.exception("deadline handler failed")
+                    s._abort("internal error")
+            if now - last_pool_sweep > 1.0:
+                last_pool_sweep = now
+                for pool in self.state.pools.values():
+                    pool.sweep(now)
+            if self._passive:
+                events, self._passive = self._passive, []
+                self.channel.send(m.Passive(events=events))
+            if self.draining and not self.sessions and not self.done.done():
+                self.done.set_result(None)
+
+    def on_message(self, msg) -> None:
+        if isinstance(msg, m.ApplySnapshot):
+            self.apply(msg.snapshot)
+        elif isinstance(msg, m.HealthUpdate):
+            self.state.health.update(msg.states)
+            for key, healthy in msg.states.items():
+                self.runtime.set_health(key, healthy)
+        elif isinstance(msg, m.StatsRequest):
+            self.metrics.set_gauge("dispa_active_connections", (), len(self.sessions))
+            self.channel.send(m.Stats(seq=msg.seq, export=self.metrics.export()))
+        elif isinstance(msg, m.Drain):
+            self.drain(msg.deadline_seconds)
+        elif isinstance(msg, m.SetLogLevel):
+            try:
+                logs.set_level(msg.level)
+            except ValueError:
+                log.warning("ignoring unknown log level %r", msg.level)
+
+    def apply(self, snapshot) -> None:
+        if snapshot.version == self.runtime.version:
+            self.channel.send(m.Ack(version=snapshot.version))
+            return
+        try:
+            runtime = build_runtime(snapshot, self.state)
+        except Exception as exc:  # noqa: BLE001 - any failure is a NACK, never a crash
+            log.error("snapshot %s refused: %s", snapshot.version, exc)
+            self.channel.send(m.Nack(version=snapshot.version, error=str(exc)))
+            return
+        self.runtime = runtime  # the swap: one reference, between requests
+        log.info("snapshot applied", extra={"fields": {"version": snapshot.version}})
+        self.channel.send(m.Ack(version=snapshot.version))
+
+    def drain(self, deadline_seconds: float) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining", extra={"fields": {"sessions": len(self.sessions),
+                                               "deadline_seconds": deadline_seconds}})
+        for srv in self.servers:
+            srv.close()
+        for s in list(self.sessions):
+            s.drain()
+        if not self.sessions and not self.done.done():
+            self.done.set_result(None)
+        self.loop.call_later(deadline_seconds, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        if not self.done.done():
+            log.warning("drain deadline passed; closing %d connections", len(self.sessions))
+            for s in list(self.sessions):
+                s._abort("shutdown deadline")
+            self.done.set_result(None)
+
+    def on_channel_closed(self, exc) -> None:
+        # The master is gone: finish what is in flight and leave.
+        if not self.draining:
+            self.drain(self.static.shutdown_timeout_seconds)
+
+
+async def _amain(fd: int) -> int:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(fileno=fd)
+    first: asyncio.Future = loop.create_future()
+    plane: DataPlane | None = None
+
+    def on_message(msg):
+        if plane is None:
+            if not first.done():
+                first.set_result(msg)
+            return
+        plane.on_message(msg)
+
+    def on_close(exc):
+        if plane is None:
+            if not first.done():
+                first.set_exception(ConnectionError("master closed the channel"))
+            return
+        plane.on_channel_closed(exc)
+
+    channel = await open_channel(sock, m.ToWorker, on_message, on_close)
+    init = await first
+    if not isinstance(init, m.Init):
+        raise RuntimeError(f"expected Init, got {type(init).__name__}")
+    logs.configure(init.log_format, init.log_level, process=f"worker-{init.worker_id}")
+    plane = DataPlane(loop, init, channel)
+    try:
+        await plane.start()
+    except StartupError as exc:
+        channel.send(m.Fatal(error=str(exc)))
+        await asyncio.sleep(0.05)
+        return 3
+    loop.add_signal_handler(signal.SIGTERM, plane.drain, init.static.shutdown_timeout_seconds)
+    channel.send(m.Ready(worker_id=init.worker_id, pid=os.getpid(), version=plane.runtime.version))
+    log.info("worker ready", extra={"fields": {"version": plane.runtime.version}})
+    await plane.done
+    # give the last writes a moment to flush through the closing transports
+    await asyncio.sleep(0)
+    return plane.exit_code
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dispa-worker")
+    parser.add_argument("--fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    try:
+        return runner(_amain(args.fd))
+    except (ConnectionError, KeyboardInterrupt):
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

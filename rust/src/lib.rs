@@ -1,0 +1,41 @@
+//! Compiled data structures for Dispa, exposed to Python as `dispa._rust`.
+//!
+//! The core ([`ring`]) is plain Rust with no pyo3 types, so `cargo test` and `cargo bench`
+//! run without Python. The binding (`py_ring`, feature `python`) is a thin `#[pyclass]`
+//! layer; this file only registers it.
+//!
+//! ```
+//! use _rust::ring::Ring;
+//!
+//! let ring = Ring::new(&[("127.0.0.1:8081", 1), ("127.0.0.1:8082", 1)], 160).unwrap();
+//! assert_eq!(ring.lookup(b"some key"), ring.lookup(b"some key"));
+//! ```
+
+pub mod ring;
+
+#[cfg(feature = "python")]
+mod py_ring;
+
+#[cfg(feature = "python")]
+use pyo3::prelude::*;
+
+/// `dispa._rust`: registration only. Every object is immutable plain data, so the module
+/// declares that it does not need the GIL (free-threaded builds).
+#[cfg(feature = "python")]
+#[pymodule(gil_used = false)]
+fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<py_ring::PyRing>()?;
+    m.add_function(wrap_pyfunction!(build_info, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}
+
+/// `build_info() -> dict`: `{"version": crate version, "debug": built with debug assertions}`.
+#[cfg(feature = "python")]
+#[pyfunction]
+fn build_info(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("version", env!("CARGO_PKG_VERSION"))?;
+    d.set_item("debug", cfg!(debug_assertions))?;
+    Ok(d)
+}
