@@ -93,7 +93,7 @@ def write_request_head(method, target, headers):
     if _bad_target(t):
         raise ValueError(f"invalid request target: {t!r}")
     cdef list fields = _checked_fields(headers)
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(m) + PyBytes_GET_SIZE(t) + 11 + _fields_size(fields) + 2
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(m) + 1 + PyBytes_GET_SIZE(t) + 11 + _fields_size(fields) + 2
     out = PyBytes_FromStringAndSize(NULL, size)
     cdef char* w = PyBytes_AS_STRING(out)
     w = _put(w, PyBytes_AS_STRING(m), PyBytes_GET_SIZE(m))

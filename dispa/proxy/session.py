@@ -79,6 +79,7 @@ _REASONS = {
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_PENDING_BYTES = 256 * 1024  # body bytes held while connecting before pausing the client
+_MAX_HELD_BYTES = 64 * 1024  # pipelined bytes held during an exchange before pausing the client
 
 
 class Session(asyncio.Protocol):
@@ -121,6 +122,7 @@ class Session(asyncio.Protocol):
         self.rid = b""
         self.connect_task = None
         self.continue_sent = False
+        self.held_bytes = 0
 
     # ------------------------------------------------------------------ accept phase
     def connection_made(self, transport):  # type: ignore[override]
@@ -178,6 +180,14 @@ class Session(asyncio.Protocol):
         if self.state == TUNNEL:
             self.upstream.transport.write(data)
             return
+        if self.req_complete and self.state != IDLE:
+            # Rule 1: pipelined bytes wait in the parser while the exchange runs. Reading stays
+            # on (so a client that goes away is noticed) until too much is held.
+            self.parser.feed(data)
+            self.held_bytes += len(data)
+            if self.held_bytes > _MAX_HELD_BYTES:
+                self._pause_reading()
+            return
         if self.state == IDLE and not self.in_head:
             # First bytes of a new request head: the header timeout starts now.
             self.in_head = True
@@ -194,8 +204,11 @@ class Session(asyncio.Protocol):
             return True
         if self.state == IDLE:
             return False  # clean close between requests
-        # Half-close mid-request: finish what we can; the parser decides if the request
-        # was complete.
+        if self.req_complete:
+            # The client closed while its response was pending: like nginx (without
+            # proxy_ignore_client_abort), treat it as an abort and free the upstream.
+            return False
+        # Half-close mid-request: the parser decides whether the request was complete.
         self.parser.feed_eof()
         self._process()
         return True
@@ -203,11 +216,8 @@ class Session(asyncio.Protocol):
     def _process(self) -> None:
         parser = self.parser
         while self.state != CLOSED:
-            if self.req_complete:
-                # Rule 1: a full request is in flight; hold pipelined bytes in the parser.
-                if self.state != IDLE:
-                    self._pause_reading()
-                    return
+            if self.req_complete and self.state != IDLE:
+                return  # Rule 1: a full request is in flight; the rest waits in the parser
             try:
                 ev = parser.next_event()
             except ProtocolError as exc:
@@ -293,6 +303,9 @@ class Session(asyncio.Protocol):
             return
         self.ep = i
         cluster.selector.acquire(i)
+        # the endpoint's timeout bounds the whole upstream exchange, within the request timeout
+        self.deadline = min(self.t0 + self.rt.proxy.request_timeout_seconds,
+                            time.monotonic() + cluster.endpoints[i].timeout_seconds)
         pool = cluster.pools[i]
         conn = pool.take_idle()
         if conn is not None:

@@ -540,6 +540,13 @@ def _measure_lat(srv_port: int, root_pid: int | None, pacer: str, layout: Layout
 
 
 def _measure_mem(srv: Server, pacer: str, layout: Layout, cfg: Config) -> dict:
+    # A fresh instance each round: allocators keep what the previous round's 10k
+    # connections used, which would make "idle" already include them.  Warm it
+    # with 1 s of ka64 (pools, upstream keep-alive), then idle vs 10k idle conns.
+    srv.stop()
+    if not srv.start(cfg.ready_timeout):
+        raise RuntimeError(f"restart for mem failed: {srv.error}")
+    run_wrk(srv.port, "/", 1, cfg.conns, layout.wrk_threads, layout.cpuset("load"))
     time.sleep(1.0)
     idle = tree_mem_kb(srv.proc.pid)
     info, held = hold_connections(pacer, srv.port, cfg.mem_conns, layout.cpuset("load"),
@@ -697,7 +704,7 @@ def summarize(doc: dict) -> tuple[dict, dict]:
     ratios: dict = {}
     for n, scs in series.items():
         for ref in ("nginx", "haproxy"):
-            if ref == n or ref not in series:
+            if ref == n or ref not in series or n == "direct":
                 continue
             for sc, ks in scs.items():
                 for k, vals in ks.items():

@@ -76,9 +76,11 @@ def run(mod, wire: bytes, *, response: bool = False, method: bytes | None = None
     else:
         bounds = [0, *cuts, len(wire)]
         pieces = [wire[a:b] for a, b in zip(bounds, bounds[1:])]
-    for piece in pieces:
+    for k, piece in enumerate(pieces):
         parser.feed(piece)
         if not _drain(mod, parser, out):
+            if out and out[-1][0] == "upgrade":   # the rest of the input is tunnel bytes
+                out[-1] = ("upgrade", out[-1][1] + b"".join(pieces[k + 1:]))
             return out
     if eof:
         parser.feed_eof()
