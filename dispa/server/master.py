@@ -245,7 +245,10 @@ class Master:
     # ------------------------------------------------------------------ AdminProvider
     async def _gather_metrics(self) -> list:
         for key, export in (await self.supervisor.collect_stats()).items():
-            self.metrics.update(key, export)
+            try:
+                self.metrics.update(key, export)
+            except ValueError as exc:  # one bad export must not break the scrape
+                log.warning("ignoring malformed stats from worker %s: %s", key, exc)
         gauges = []
         health = self.health.health_map()
         for c in self.loaded.snapshot.clusters:

@@ -59,7 +59,7 @@ def test_bench_parse_request_head(benchmark, impl):
         next_event()   # END
 
     benchmark(parse)
-    assert parser.head.method == b"GET" and len(parser.head.headers) == 15
+    assert parser.head.method == b"GET" and len(parser.head.headers) == 14
 
 
 def test_bench_parse_response_head(benchmark, impl):
