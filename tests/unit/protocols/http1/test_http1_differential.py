@@ -8,8 +8,8 @@ Disagreement classes (each deliberate; see docs/http1.md "Differences"):
 * D2 duplicate identical Content-Length: h11 folds equal values into one; Dispa rejects every
   duplicate (no ambiguity left for a downstream parser to resolve differently).
 * D3 missing Host in HTTP/1.1: h11 and httptools accept; Dispa rejects (RFC 9112 §3.2 MUST).
-* D4 leading empty lines: h11 rejects a leading CRLF ("no request line received"? it skips
-  one in newer versions); Dispa skips up to MAX_LEADING_EMPTY_LINES (RFC 9112 §2.2 SHOULD).
+* D4 leading empty lines: h11 0.16 rejects a leading CRLF ("no request line received");
+  Dispa skips up to MAX_LEADING_EMPTY_LINES (RFC 9112 §2.2 SHOULD).
 * D5 chunk size with trailing whitespace ("5 \\r\\n"): h11 accepts; Dispa follows the chunk
   grammar (BWS only before ";") and rejects.
 * D6 unknown methods: httptools/llhttp only knows a fixed list; Dispa accepts any token.
