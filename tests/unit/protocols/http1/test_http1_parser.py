@@ -21,7 +21,9 @@ REJECT = [
     ("content_length_empty", b"POST / HTTP/1.1\r\n" + H + b"Content-Length:\r\n\r\n", 400),
     ("content_length_hex", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 0x10\r\n\r\n", 400),
     ("content_length_overflow", b"POST / HTTP/1.1\r\n" + H + b"Content-Length: 99999999999999999999\r\n\r\n", 400),
-    ("te_final_not_chunked", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\n", 400),
+    # any coding but chunked: re-framing would drop it, so a proxy refuses it (501)
+    ("te_final_not_chunked", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip\r\n\r\n", 501),
+    ("te_gzip_then_chunked", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: gzip, chunked\r\n\r\n", 501),
     ("te_unknown", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: foo\r\n\r\n", 501),
     ("te_chunked_not_last", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, gzip\r\n\r\n", 400),
     ("te_chunked_twice", b"POST / HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
@@ -178,7 +180,7 @@ def test_content_length_body_in_large_chunks(http1_impl):
 
 def test_chunked_body_decoded_in_one_data_event(http1_impl):
     p = http1_impl.RequestParser()
-    p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n"
+    p.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n"
            b"3;ext=1;q=\"a\\\"b\"\r\nabc\r\n2\r\nde\r\n0\r\nX-Sum: 1\r\n\r\n")
     assert p.next_event() == http1_impl.HEAD and p.head.chunked
     assert p.next_event() == http1_impl.DATA and p.take_data() == b"abcde"
@@ -328,9 +330,16 @@ def test_response_close_delimited(http1_impl):
     assert ev[1:] == [("data", b"body bytes"), ("end", None), ("eof",)]
 
 
-def test_response_te_not_chunked_reads_until_close(http1_impl):
-    ev = run(http1_impl, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzz", response=True)
-    assert not ev[0][1]["keep_alive"] and ev[1] == ("data", b"zz")
+def test_response_transfer_codings_other_than_chunked_are_refused(http1_impl):
+    # RFC 9112 §6.3 would read such a body until close, but a proxy that re-frames bodies
+    # would hand the client gzip bytes with no coding to say so: refuse it (502 downstream).
+    for te in (b"gzip", b"gzip, chunked"):
+        p = http1_impl.ResponseParser()
+        p.expect(b"GET")
+        p.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\nzz")
+        with pytest.raises(http1_impl.ProtocolError) as exc:
+            p.next_event()
+        assert exc.value.status_hint == 502
 
 
 @pytest.mark.parametrize("status", [204, 304])
