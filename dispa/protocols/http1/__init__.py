@@ -10,14 +10,19 @@ from dispa import _native
 
 from .errors import ProtocolError
 
-if _native.hotpath is not None:
+# Do not test ``_native.hotpath`` here: when ``dispa._native`` is the first importer of
+# ``dispa._hotpath``, the compiled module imports ``.errors`` (and so this package) while
+# ``_native.hotpath`` is still None, and the pure twin would be picked by accident.
+try:
+    if _native.NO_EXTENSIONS:
+        raise ImportError("DISPA_NO_EXTENSIONS is set")
     from dispa._hotpath import (  # type: ignore[import-not-found]
         DATA, END, HEAD, LAST_CHUNK, NEED_DATA, UPGRADE, RequestHead, RequestParser,
         ResponseHead, ResponseParser, encode_chunk, proxy_request_head, proxy_response_head,
         write_request_head, write_response_head,
     )
     IMPLEMENTATION = "compiled"
-else:
+except ImportError:
     from ._pure import (  # noqa: F401
         DATA, END, HEAD, LAST_CHUNK, NEED_DATA, UPGRADE, RequestHead, RequestParser,
         ResponseHead, ResponseParser, encode_chunk, proxy_request_head, proxy_response_head,
