@@ -432,7 +432,8 @@ def make_dispa(tmp: str, layout: Layout, workers: int, backend_port: int, dispa_
            for a in shlex.split(tpl)]
     e = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     e.update(env or {})
-    return Server("dispa", cmd, port, layout.cpuset("proxy"), env=e, workdir=str(REPO))
+    # cwd = the temp prefix: Dispa writes files relative to its cwd (dispa.log), never into the tree
+    return Server("dispa", cmd, port, layout.cpuset("proxy"), env=e, workdir=prefix)
 
 
 # --------------------------------------------------------------------------- load tools

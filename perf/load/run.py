@@ -31,7 +31,7 @@ def parse_args(argv=None):
     ap.add_argument("--markdown", help="also write the Markdown table here")
     ap.add_argument("--plots", help="write PNG plots into this directory (installs matplotlib if missing)")
     ap.add_argument("--quick", action="store_true",
-                    help="3 rounds x 2 s, mem with 2,000 connections (about 80 s for nginx+haproxy on 2 cores)")
+                    help="3 rounds x 2 s, mem with 2,000 connections (about 90 s for nginx+haproxy on 2 cores)")
     ap.add_argument("--scaling", help="comma list of worker counts, e.g. 1,2,4: ka64 per worker count")
     ap.add_argument("--dispa-cmd", help="command template for Dispa ({config} {workers} {port} {backend_port} "
                                         "{python}); or standin:nginx / standin:haproxy. Default: dispa-server "
@@ -42,6 +42,8 @@ def parse_args(argv=None):
     ap.add_argument("--lat-conns", type=int, default=16, help="pacer keep-alive connections (default 16)")
     ap.add_argument("--mem-conns", type=int, default=None, help="idle connections for mem (default 10000; quick 2000)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir with configs and logs")
+    ap.add_argument("--replot", metavar="JSON", help="no load: re-render the Markdown (and --plots) from a "
+                                                      "previous --json document, keeping only --proxies")
     a = ap.parse_args(argv)
     if a.rounds is None:
         a.rounds = 3 if a.quick else 5
@@ -76,6 +78,21 @@ def main(argv=None) -> int:
         raise SystemExit(143)
     signal.signal(signal.SIGTERM, _term)
 
+    if a.replot:
+        doc = json.load(open(a.replot))
+        keep = set(p.strip() for p in a.proxies.split(",")) | {"direct"}
+        for k in ("summary", "ratios"):
+            doc[k] = {n: v for n, v in doc.get(k, {}).items() if n in keep}
+        doc["proxies"] = {n: v for n, v in doc.get("proxies", {}).items() if n in keep}
+        md = H.markdown(doc)
+        print(md)
+        if a.markdown:
+            with open(a.markdown, "w") as f:
+                f.write(md + "\n")
+        if a.plots:
+            for p in H.plots(doc, a.plots):
+                H.log(f"plot {p}")
+        return 0
     if a.scaling:
         ws = [int(w) for w in a.scaling.split(",")]
         doc = {"meta": {"mode": "scaling", "workers": ws}, "scaling": {}, "runs": {}}
