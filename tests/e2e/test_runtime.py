@@ -380,3 +380,57 @@ def test_runtime_log_level_change_reaches_the_workers(dispa, origin):
     c.request("GET", "/admin/log-level")
     assert b"debug" in c.getresponse().read()
     c.close()
+
+
+def test_an_address_not_on_this_machine_is_a_clear_error(tmp_path, origin):
+    cfg = tmp_path / "c.toml"
+    # 192.0.2.0/24 is TEST-NET-1: never assigned here. Binding sends no traffic.
+    cfg.write_text(render_config(port=8080, admin_port=free_port(), targets=[("a", origin.url)])
+                   .replace('"127.0.0.1:8080"', '"192.0.2.1:8080"'))
+    out = subprocess.run([sys.executable, "-m", "dispa.server", "--config", str(cfg)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.returncode == 1
+    assert "192.0.2.1:8080" in out.stderr and "not assigned to this machine" in out.stderr
+
+
+def test_admin_port_in_use_is_a_clear_error(tmp_path, origin):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    admin = blocker.getsockname()[1]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(render_config(port=free_port(), admin_port=admin, targets=[("a", origin.url)]))
+    try:
+        out = subprocess.run([sys.executable, "-m", "dispa.server", "--config", str(cfg)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=30)
+    finally:
+        blocker.close()
+    assert out.returncode == 1
+    assert f"127.0.0.1:{admin}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_workers_leave_when_the_master_is_killed(dispa, origin):
+    d = dispa(targets=[("a", origin.url)], workers="2", wait_workers=2)
+    pids = [w["pid"] for w in d.status()["workers"]]
+    d.proc.kill()
+    d.proc.wait(5)
+
+    def gone():
+        return all(not os.path.exists(f"/proc/{p}") or
+                   open(f"/proc/{p}/stat").read().split()[2] == "Z" for p in pids)
+    _wait(gone, timeout=15, what="orphaned workers to exit")
+
+
+def test_check_flag_validates_without_starting(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dispa.server", "--config", str(COMPAT), "--check"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert out.returncode == 0 and "OK" in out.stdout
+
+
+def test_config_schema_is_json_schema():
+    import json
+    out = subprocess.run([sys.executable, "-m", "dispa", "config", "schema"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=30)
+    schema = json.loads(out.stdout)
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert "Config" in json.dumps(schema["$defs"])
