@@ -46,7 +46,8 @@ cdef class _Parser:
     cdef unsigned char* _buf
     cdef Py_ssize_t _start
     cdef Py_ssize_t _end
-    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _cap          # 0: _buf is NULL or borrowed (see _borrowed)
+    cdef object _borrowed         # the caller's bytes object _buf points into, or None
     cdef int _state
     cdef bint _is_response
     cdef bint _bare_lf
@@ -69,6 +70,14 @@ cdef class _Parser:
     cdef bint _upgrade
 
     cdef void _new_message(self)
+    # fast paths for the compiled Session (same module): feed(), next_event(), and taking
+    # Content-Length body bytes straight from the buffer
+    cdef int _feed(self, object data) except -1
+    cdef int _next(self) except -1
+    cdef void _release_buffer(self)
+    cdef void _release_if_empty(self)
+    cdef Py_ssize_t _body_available(self)
+    cdef void _consume_body(self, Py_ssize_t n)
     cdef int _append(self, const unsigned char* data, Py_ssize_t n) except -1
     cdef int _err(self, str message, int status) except -1
     cdef int _incomplete(self) except -1

@@ -20,6 +20,12 @@
 # LF, the smaller window's limit is reported (the line limit on a tie).
 # Rule 3: _err() stores the error and moves to S_ERROR before raising; later calls re-raise.
 # Decoded chunk bytes that precede an error in the same call are returned first (DATA).
+# Rule 4: zero-copy feeding. When the buffer is empty, feed(bytes) does not copy: _buf points
+# into the caller's (immutable) bytes object, held in _borrowed, and _cap is 0. The first
+# append while bytes are left copies them into an owned buffer. An empty buffer keeps no
+# memory once _release_if_empty() runs (or at the next feed), so an idle keep-alive
+# connection holds no 4 KiB buffer. A DATA event that covers a whole borrowed object returns
+# that object itself.
 #
 # WARNING: every rule, message and status here mirrors _pure.py; tests and the fuzzer compare
 # the two twins. Change both together.
@@ -27,7 +33,7 @@
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
-from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport uint64_t
 from libc.string cimport memchr, memcmp, memcpy, memmove
@@ -264,9 +270,9 @@ cdef class _Parser:
         self._start = self._end = self._cap = 0
 
     def __dealloc__(self):
-        if self._buf != NULL:
+        if self._buf != NULL and self._cap:
             PyMem_Free(self._buf)
-            self._buf = NULL
+        self._buf = NULL
 
     def __init__(self, *, max_head_bytes=DEFAULT_MAX_HEAD_BYTES,
                  max_header_count=DEFAULT_MAX_HEADER_COUNT,
@@ -283,6 +289,7 @@ cdef class _Parser:
     def reset(self):
         """Forget everything buffered and start over (limits are kept)."""
         self._start = self._end = 0
+        self._release_buffer()
         self.eof = False
         self.head = None
         self.trailers = None
@@ -305,6 +312,21 @@ cdef class _Parser:
         cdef unsigned char* nb
         if n == 0:
             return 0
+        if self._borrowed is not None:
+            # leave the caller's bytes (Rule 4): what is left of them moves to an owned buffer
+            used = self._end - self._start
+            new_cap = 4096
+            while new_cap < used + n:
+                new_cap *= 2
+            nb = <unsigned char*>PyMem_Malloc(new_cap)
+            if nb == NULL:
+                raise MemoryError()
+            memcpy(nb, self._buf + self._start, used)
+            self._buf = nb
+            self._cap = new_cap
+            self._start = 0
+            self._end = used
+            self._borrowed = None
         if self._start == self._end:
             self._start = self._end = 0
         if self._end + n > self._cap:
@@ -329,17 +351,60 @@ cdef class _Parser:
     def feed(self, data):
         """Append ``data`` (bytes, bytearray, memoryview: any buffer) to the buffer.
         Raises RuntimeError after feed_eof()."""
+        self._feed(data)
+
+    cdef int _feed(self, object data) except -1:
+        # cdef twin of feed() for the compiled Session (no Python call per read)
         cdef Py_buffer view
         if self.eof:
             raise RuntimeError("feed() after feed_eof()")
         if type(data) is bytes:
-            self._append(<const unsigned char*>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-            return
+            if self._start == self._end and PyBytes_GET_SIZE(data):
+                # Rule 4: parse straight from the caller's bytes
+                self._release_buffer()
+                self._buf = <unsigned char*>PyBytes_AS_STRING(data)
+                self._borrowed = data
+                self._end = PyBytes_GET_SIZE(data)
+                return 0
+            return self._append(<const unsigned char*>PyBytes_AS_STRING(data),
+                                PyBytes_GET_SIZE(data))
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             self._append(<const unsigned char*>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+        return 0
+
+    cdef void _release_buffer(self):
+        """Drop the buffer (owned or borrowed); only when it holds no unconsumed byte."""
+        if self._cap:
+            PyMem_Free(self._buf)
+            self._cap = 0
+        self._buf = NULL
+        self._borrowed = None
+        self._start = self._end = 0
+
+    cdef void _release_if_empty(self):
+        """Keep no buffer memory while nothing is buffered (idle keep-alive connections)."""
+        if self._start == self._end and self._buf != NULL:
+            self._release_buffer()
+
+    cdef Py_ssize_t _body_available(self):
+        """Body bytes of a Content-Length body that are buffered now (0 in other states)."""
+        cdef Py_ssize_t avail
+        if self._state != S_BODY_CL:
+            return 0
+        avail = self._end - self._start
+        return <Py_ssize_t>self._remaining if self._remaining < avail else avail
+
+    cdef void _consume_body(self, Py_ssize_t n):
+        """Mark n <= _body_available() body bytes as taken by the caller, who copied them
+        from _buf + _start already (the S_BODY_CL step of next_event without a DATA
+        event and without a bytes object)."""
+        self._start += n
+        self._remaining -= n
+        if self._remaining == 0:
+            self._state = S_UPGRADE if self._upgrade else S_END
 
     def feed_eof(self):
         """The peer closed its side."""
@@ -355,7 +420,7 @@ cdef class _Parser:
         """All unconsumed buffered bytes; empties the buffer."""
         rest = PyBytes_FromStringAndSize(<const char*>self._buf + self._start,
                                          self._end - self._start)
-        self._start = self._end = 0
+        self._release_buffer()
         return rest
 
     cdef int _err(self, str message, int status) except -1:
@@ -370,6 +435,10 @@ cdef class _Parser:
 
     def next_event(self):
         """Return NEED_DATA, HEAD, DATA, END or UPGRADE; raise ProtocolError on bad input."""
+        return self._next()
+
+    cdef int _next(self) except -1:
+        # cdef twin of next_event() for the compiled Session
         cdef int state = self._state
         cdef Py_ssize_t n, avail
         if state == S_HEAD:
@@ -381,7 +450,11 @@ cdef class _Parser:
                     self._incomplete()
                 return EV_NEED_DATA
             n = <Py_ssize_t>self._remaining if self._remaining < avail else avail
-            self._data = PyBytes_FromStringAndSize(<const char*>self._buf + self._start, n)
+            if n == self._end and self._start == 0 and self._borrowed is not None \
+                    and n == PyBytes_GET_SIZE(self._borrowed):
+                self._data = self._borrowed   # Rule 4: the caller's bytes, no copy
+            else:
+                self._data = PyBytes_FromStringAndSize(<const char*>self._buf + self._start, n)
             self._start += n
             self._remaining -= n
             if self._remaining == 0:
@@ -396,8 +469,12 @@ cdef class _Parser:
         if state == S_BODY_EOF:
             avail = self._end - self._start
             if avail:
-                self._data = PyBytes_FromStringAndSize(<const char*>self._buf + self._start,
-                                                       avail)
+                if self._start == 0 and self._borrowed is not None \
+                        and avail == PyBytes_GET_SIZE(self._borrowed):
+                    self._data = self._borrowed   # Rule 4: the caller's bytes, no copy
+                else:
+                    self._data = PyBytes_FromStringAndSize(
+                        <const char*>self._buf + self._start, avail)
                 self._start = self._end = 0
                 return EV_DATA
             if self.eof:

@@ -22,6 +22,14 @@ cdef struct Slice:
     Py_ssize_t n
 
 
+cdef struct Field:
+    # one extra field for _proxy_head: validated by whoever fills it in
+    const char* name
+    Py_ssize_t name_n
+    const char* value
+    Py_ssize_t value_n
+
+
 cdef inline bytes _as_bytes(object obj):
     if type(obj) is bytes:
         return <bytes>obj
@@ -141,7 +149,10 @@ def write_response_head(status, reason, headers):
 def encode_chunk(data):
     """One chunk: hex size CRLF data CRLF. Raises ValueError for empty data (use
     LAST_CHUNK)."""
-    cdef bytes d = _as_bytes(data)
+    return _encode_chunk(_as_bytes(data))
+
+
+cdef bytes _encode_chunk(bytes d):
     cdef Py_ssize_t n = PyBytes_GET_SIZE(d), digits = 0, t
     if n == 0:
         raise ValueError("empty chunk: use LAST_CHUNK")
@@ -180,7 +191,7 @@ cdef inline bint _is_hop(const unsigned char* p, Py_ssize_t n):
     return False
 
 
-cdef inline bint _in_slices(const unsigned char* p, Py_ssize_t n, Slice* s, Py_ssize_t count,
+cdef inline bint _in_slices(const unsigned char* p, Py_ssize_t n, const Slice* s, Py_ssize_t count,
                             bint exact_lower):
     """p[:n] is one of the slices, ignoring case (exact_lower: the slices are lowercase)."""
     cdef Py_ssize_t i, k
@@ -204,27 +215,27 @@ cdef inline bint _in_slices(const unsigned char* p, Py_ssize_t n, Slice* s, Py_s
     return False
 
 
-cdef bytes _proxy_head(bytes start_line_prefix, int status, bytes reason, bytes method,
-                       bytes target, list headers, bint keep_upgrade, object drop,
-                       object extra):
+cdef bytes _proxy_head(bint is_request, int status, bytes reason, bytes method,
+                       bytes target, list headers, bint keep_upgrade,
+                       const Slice* drops, Py_ssize_t ndrop,
+                       const Field* extra, Py_ssize_t nextra,
+                       const char* tail, Py_ssize_t tail_n):
     """Build a proxied head: a request line (method/target) or a status line (status/reason),
-    the kept fields of ``headers``, the validated ``extra`` fields, and the blank line."""
-    cdef Py_ssize_t nh = len(headers), i, k, e, ntok = 0, ndrop = 0, size, vn, nn
+    the kept fields of ``headers`` (minus hop-by-hop, Connection-named and ``drops``, which
+    are lowercase), the ``extra`` fields (already validated), the blank line, then ``tail``
+    (body bytes the caller wants in the same bytes object: one write per message)."""
+    cdef Py_ssize_t nh = len(headers), i, k, e, ntok = 0, size, vn, nn
     cdef char keep_stack[STACK_HEADERS]
     cdef Slice tok_stack[STACK_TOKENS]
-    cdef Slice drop_stack[STACK_TOKENS]
     cdef char* keep = keep_stack
     cdef Slice* toks = tok_stack
-    cdef Slice* drops = drop_stack
     cdef Py_ssize_t tok_cap = STACK_TOKENS
     cdef const unsigned char* p
     cdef const unsigned char* v
     cdef tuple item
     cdef bytes name, value
-    cdef list extra_fields
     cdef char* w
     cdef bytes out
-    extra_fields = _checked_fields(extra) if extra else []
     try:
         if nh > STACK_HEADERS:
             keep = <char*>PyMem_Malloc(nh)
@@ -260,19 +271,8 @@ cdef bytes _proxy_head(bytes start_line_prefix, int status, bytes reason, bytes 
                     toks[ntok].n = nn
                     ntok += 1
                 k = e + 1
-        # 2. the caller's drop set (lowercase names)
-        if drop:
-            if len(drop) > STACK_TOKENS:
-                drops = <Slice*>PyMem_Malloc(len(drop) * sizeof(Slice))
-                if drops == NULL:
-                    raise MemoryError()
-            for d in drop:
-                if type(d) is bytes:
-                    drops[ndrop].p = <const unsigned char*>PyBytes_AS_STRING(d)
-                    drops[ndrop].n = PyBytes_GET_SIZE(d)
-                    ndrop += 1
-        # 3. decide and size
-        if start_line_prefix is None:
+        # 2. decide and size
+        if is_request:
             size = PyBytes_GET_SIZE(method) + 1 + PyBytes_GET_SIZE(target) + 11
         else:
             size = 15 + PyBytes_GET_SIZE(reason)
@@ -288,11 +288,13 @@ cdef bytes _proxy_head(bytes start_line_prefix, int status, bytes reason, bytes 
                                or _in_slices(p, nn, drops, ndrop, True))
             if keep[i]:
                 size += nn + PyBytes_GET_SIZE(<bytes>item[1]) + 4
-        size += _fields_size(extra_fields) + 2
-        # 4. fill one bytes object
+        for i in range(nextra):
+            size += extra[i].name_n + extra[i].value_n + 4
+        size += 2 + tail_n
+        # 3. fill one bytes object
         out = PyBytes_FromStringAndSize(NULL, size)
         w = PyBytes_AS_STRING(out)
-        if start_line_prefix is None:
+        if is_request:
             w = _put(w, PyBytes_AS_STRING(method), PyBytes_GET_SIZE(method))
             w = _put(w, b" ", 1)
             w = _put(w, PyBytes_AS_STRING(target), PyBytes_GET_SIZE(target))
@@ -308,16 +310,66 @@ cdef bytes _proxy_head(bytes start_line_prefix, int status, bytes reason, bytes 
                 w = _put(w, b": ", 2)
                 w = _put(w, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value))
                 w = _put(w, b"\r\n", 2)
-        w = _put_fields(w, extra_fields)
-        _put(w, b"\r\n", 2)
+        for i in range(nextra):
+            w = _put(w, extra[i].name, extra[i].name_n)
+            w = _put(w, b": ", 2)
+            w = _put(w, extra[i].value, extra[i].value_n)
+            w = _put(w, b"\r\n", 2)
+        w = _put(w, b"\r\n", 2)
+        if tail_n:
+            _put(w, tail, tail_n)
         return out
     finally:
         if keep != keep_stack:
             PyMem_Free(keep)
         if toks != tok_stack:
             PyMem_Free(toks)
+
+
+cdef bytes _proxy_head_py(bint is_request, int status, bytes reason, bytes method,
+                          bytes target, list headers, bint keep_upgrade, object drop,
+                          object extra):
+    """_proxy_head for Python callers: ``drop`` any iterable of lowercase bytes names,
+    ``extra`` an iterable of (name, value) pairs, validated here."""
+    cdef Slice drop_stack[STACK_TOKENS]
+    cdef Field extra_stack[STACK_TOKENS]
+    cdef Slice* drops = drop_stack
+    cdef Field* fields = extra_stack
+    cdef Py_ssize_t ndrop = 0, nextra, i
+    cdef list extra_fields = _checked_fields(extra) if extra else []
+    cdef tuple item
+    cdef bytes name, value
+    nextra = len(extra_fields)
+    try:
+        if drop:
+            if len(drop) > STACK_TOKENS:
+                drops = <Slice*>PyMem_Malloc(len(drop) * sizeof(Slice))
+                if drops == NULL:
+                    raise MemoryError()
+            for d in drop:
+                if type(d) is bytes:
+                    drops[ndrop].p = <const unsigned char*>PyBytes_AS_STRING(d)
+                    drops[ndrop].n = PyBytes_GET_SIZE(d)
+                    ndrop += 1
+        if nextra > STACK_TOKENS:
+            fields = <Field*>PyMem_Malloc(nextra * sizeof(Field))
+            if fields == NULL:
+                raise MemoryError()
+        for i in range(nextra):
+            item = <tuple>extra_fields[i]
+            name = <bytes>item[0]
+            value = <bytes>item[1]
+            fields[i].name = PyBytes_AS_STRING(name)
+            fields[i].name_n = PyBytes_GET_SIZE(name)
+            fields[i].value = PyBytes_AS_STRING(value)
+            fields[i].value_n = PyBytes_GET_SIZE(value)
+        return _proxy_head(is_request, status, reason, method, target, headers,
+                           keep_upgrade, drops, ndrop, fields, nextra, NULL, 0)
+    finally:
         if drops != drop_stack:
             PyMem_Free(drops)
+        if fields != extra_stack:
+            PyMem_Free(fields)
 
 
 cdef Slice* _grow_slices(Slice* cur, Slice* stack, Py_ssize_t cap) except NULL:
@@ -338,12 +390,13 @@ def proxy_request_head(RequestHead head, target, drop, extra):
     cdef bytes t = _as_bytes(target)
     if _bad_target(t):
         raise ValueError(f"invalid request target: {t!r}")
-    return _proxy_head(None, 0, None, head.method, t, head.headers, head.upgrade, drop, extra)
+    return _proxy_head_py(True, 0, None, head.method, t, head.headers, head.upgrade, drop,
+                          extra)
 
 
 def proxy_response_head(ResponseHead head, drop, extra):
     """The downstream response head for ``head``: ``HTTP/1.1 status reason``, fields as in
     proxy_request_head; Upgrade is kept for 101."""
     cdef bytes r = _checked_reason(head.status, head.reason)
-    return _proxy_head(b"", head.status, r, None, None, head.headers, head.status == 101,
-                       drop, extra)
+    return _proxy_head_py(False, head.status, r, None, None, head.headers,
+                          head.status == 101, drop, extra)

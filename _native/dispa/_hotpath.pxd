@@ -3,3 +3,4 @@
 # path "_native"; setup.py passes include_path=["_native", ...].)
 include "consts.pxi"
 include "http1_parser.pxd"
+include "protocol.pxd"

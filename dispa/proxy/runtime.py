@@ -16,7 +16,7 @@ import time
 from dispa.balancer import build_selector
 from dispa.config.snapshot import ClusterSpec, Snapshot
 from dispa.proxy.forwarding import TrustedProxies
-from dispa.proxy.pool import Pool
+from dispa.proxy.protocol import Pool
 from dispa.routing.vhost import InterceptTable
 
 # How long a worker avoids an endpoint after a failed connect when no active health check

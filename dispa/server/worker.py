@@ -28,7 +28,7 @@ import time
 from dispa.observability import logs
 from dispa.observability.metrics import WorkerMetrics
 from dispa.proxy.runtime import WorkerState, build_runtime
-from dispa.proxy.session import Session
+from dispa.proxy.protocol import Session
 from dispa.routing.vhost import normalize_host
 from dispa.server import messages as m
 from dispa.server.channel import open_channel
