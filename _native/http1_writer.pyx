@@ -17,11 +17,6 @@ from libc.string cimport memcpy
 
 LAST_CHUNK = b"0\r\n\r\n"
 
-cdef struct Slice:
-    const unsigned char* p
-    Py_ssize_t n
-
-
 cdef struct Field:
     # one extra field for _proxy_head: validated by whoever fills it in
     const char* name

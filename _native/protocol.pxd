@@ -36,6 +36,11 @@ cdef class _RuntimeView:
     cdef bint rid_name_ok
     cdef bytes via
     cdef bint via_ok
+    # names dropped from the downstream copy: forwarding headers, Expect, and the configured
+    # request-id header (ours replaces the client's, never doubles it)
+    cdef frozenset drop_request
+    cdef Slice drop[8]
+    cdef int ndrop
     cdef object intercept_match
     cdef object trusted_contains
     cdef object default_cluster

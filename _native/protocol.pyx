@@ -41,7 +41,7 @@ from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from dispa.errors import UpstreamError
-from dispa.proxy.forwarding import FORWARDING_HEADERS, forwarding_headers
+from dispa.proxy.forwarding import forwarding_headers
 
 cdef extern from "Python.h":
     int PyUnicode_IS_ASCII(object o)
@@ -70,7 +70,6 @@ cdef enum:
     FWD_SCRATCH = 512   # forwarding values composed on the stack; longer ones: Python path
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-cdef frozenset py_DROP_REQUEST = FORWARDING_HEADERS | {b"expect"}
 cdef frozenset py_DROP_RESPONSE = frozenset({b"x-request-id"})
 
 cdef dict py_REASONS = {
@@ -83,25 +82,18 @@ cdef dict py_REASONS = {
 cdef bytes py_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes py_LAST_CHUNK = LAST_CHUNK
 
-# The drop sets above as C slices (lowercase), for _proxy_head.
-cdef Slice DROP_REQUEST[6]
+# The response drop set as C slices (lowercase), for _proxy_head; requests use the
+# per-runtime _RuntimeView.drop (it includes the configured request-id header).
 cdef Slice DROP_RESPONSE[1]
 
 
 cdef void _init_drop_slices():
-    cdef Py_ssize_t i = 0
-    # WARNING: the same names as py_DROP_REQUEST / py_DROP_RESPONSE
-    for name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
-                 b"via", b"expect"):
-        DROP_REQUEST[i].p = <const unsigned char*>PyBytes_AS_STRING(name)
-        DROP_REQUEST[i].n = PyBytes_GET_SIZE(name)
-        i += 1
+    # WARNING: the same names as py_DROP_RESPONSE
     DROP_RESPONSE[0].p = <const unsigned char*>b"x-request-id"
     DROP_RESPONSE[0].n = 12
 
 
 _init_drop_slices()   # the names are interned constants of this module: they outlive it
-assert len(py_DROP_REQUEST) == 6
 
 
 cdef inline double _now() noexcept nogil:
@@ -217,6 +209,14 @@ cdef _RuntimeView _view_of(object server):
     v.rid_name = rt.request_id_header
     v.rid_name_ok = _all_tchar(<const unsigned char*>PyBytes_AS_STRING(v.rid_name),
                                PyBytes_GET_SIZE(v.rid_name)) if v.rid_name else True
+    v.drop_request = rt.drop_request
+    v.ndrop = 0
+    for name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
+                 b"via", b"expect", v.rid_name):
+        if name:  # v.rid_name keeps its bytes alive as long as the view
+            v.drop[v.ndrop].p = <const unsigned char*>PyBytes_AS_STRING(name)
+            v.drop[v.ndrop].n = PyBytes_GET_SIZE(name)
+            v.ndrop += 1
     v.via = rt.via
     v.via_ok = not _any_bad_value(<const unsigned char*>PyBytes_AS_STRING(v.via),
                                   PyBytes_GET_SIZE(v.via))
@@ -511,7 +511,7 @@ cdef class Session:
                 extra.append((b"Content-Length", str(head.content_length).encode()))
             if head.upgrade:
                 extra.append((b"Connection", b"upgrade"))
-            return proxy_request_head(head, target, py_DROP_REQUEST, extra)
+            return proxy_request_head(head, target, rt.drop_request, extra)
 
         if _bad_target(target):
             raise ValueError(f"invalid request target: {target!r}")
@@ -566,7 +566,7 @@ cdef class Session:
             _field(&f[nf], b"Connection", 10, b"upgrade", 7)
             nf += 1
         return _proxy_head(True, 0, None, head.method, target, headers, head.upgrade,
-                           DROP_REQUEST, 6, f, nf, NULL, 0)
+                           rt.drop, rt.ndrop, f, nf, NULL, 0)
 
     cdef int _choose_and_connect(self) except -1:
         cdef object cluster = self.cluster

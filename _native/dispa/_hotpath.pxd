@@ -3,4 +3,5 @@
 # path "_native"; setup.py passes include_path=["_native", ...].)
 include "consts.pxi"
 include "http1_parser.pxd"
+include "http1_writer.pxd"
 include "protocol.pxd"

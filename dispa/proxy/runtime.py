@@ -15,7 +15,7 @@ import time
 
 from dispa.balancer import build_selector
 from dispa.config.snapshot import ClusterSpec, Snapshot
-from dispa.proxy.forwarding import TrustedProxies
+from dispa.proxy.forwarding import FORWARDING_HEADERS, TrustedProxies
 from dispa.proxy.protocol import Pool
 from dispa.routing.vhost import InterceptTable
 
@@ -137,6 +137,11 @@ class Runtime:
         self.trusted = TrustedProxies(p.trusted_proxies)
         self.via = p.via.encode("latin-1")
         self.request_id_header = p.request_id_header.lower().encode("latin-1")
+        # Dropped from the downstream copy of a request head: forwarding headers (rebuilt),
+        # Expect (we answer 100-continue ourselves) and the request-id header (ours replaces
+        # the client's one, so the upstream never sees two).
+        self.drop_request = FORWARDING_HEADERS | {b"expect"} | (
+            {self.request_id_header} if self.request_id_header else set())
         self.clusters = {c.name: ClusterRuntime(c, state) for c in snapshot.clusters}
         self.default_cluster = self.clusters[snapshot.default_cluster]
         self.limits = p.limits

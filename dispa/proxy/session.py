@@ -41,7 +41,7 @@ import logging
 import time
 
 from dispa.errors import UpstreamError
-from dispa.proxy.forwarding import FORWARDING_HEADERS, forwarding_headers
+from dispa.proxy.forwarding import forwarding_headers
 from dispa.protocols.http1 import (
     DATA, END, HEAD, LAST_CHUNK, NEED_DATA, UPGRADE, ProtocolError, RequestParser,
     encode_chunk, proxy_request_head, proxy_response_head, write_response_head,
@@ -64,9 +64,8 @@ R_CLOSE = 3  # delimited by closing the connection (HTTP/1.0 client, unknown len
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
-# Hop-by-hop and rebuilt headers dropped from the downstream copy (the writer also drops
-# the RFC 9110 §7.6.1 hop-by-hop set and every name listed in Connection).
-_DROP_REQUEST = FORWARDING_HEADERS | {b"expect"}
+# The writer drops the RFC 9110 §7.6.1 hop-by-hop set and every name listed in Connection;
+# Runtime.drop_request adds the headers we rebuild. Responses lose the upstream's request id.
 _DROP_RESPONSE = frozenset({b"x-request-id"})
 
 _REASONS = {
@@ -287,7 +286,7 @@ class Session(asyncio.Protocol):
             extra.append((b"Content-Length", str(head.content_length).encode()))
         if head.upgrade:
             extra.append((b"Connection", b"upgrade"))
-        self.up_head = proxy_request_head(head, target, _DROP_REQUEST, extra)
+        self.up_head = proxy_request_head(head, target, rt.drop_request, extra)
         self._choose_and_connect()
 
     @staticmethod

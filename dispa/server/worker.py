@@ -28,7 +28,7 @@ import time
 from dispa.observability import logs
 from dispa.observability.metrics import WorkerMetrics
 from dispa.proxy.runtime import WorkerState, build_runtime
-from dispa.proxy.protocol import Session
+from dispa.proxy.protocol import RequestIds, Session
 from dispa.routing.vhost import normalize_host
 from dispa.server import messages as m
 from dispa.server.channel import open_channel
@@ -57,18 +57,14 @@ class DataPlane:
         self.draining = False
         self.slowdown_us = init.slowdown_us
         self.servers: list[asyncio.AbstractServer] = []
-        self._rid_prefix = os.urandom(6).hex() + "-"
-        self._rid_counter = 0
+        # request ids: a per-worker random prefix plus a counter (generated in C when compiled)
+        self.next_request_id = RequestIds(os.urandom(6).hex() + "-")
         self._domains: dict[bytes, str] = {}
         self._passive: list[tuple[str, str, str]] = []
         self.exit_code = 0
         self.done = loop.create_future()
 
     # ---------------------------------------------------------------- used by sessions
-    def next_request_id(self) -> bytes:
-        self._rid_counter += 1
-        return f"{self._rid_prefix}{self._rid_counter:x}".encode()
-
     def domain_label(self, raw_host: bytes) -> str:
         label = self._domains.get(raw_host)
         if label is None:

@@ -81,10 +81,10 @@ def test_a_get_is_proxied_with_forwarding_headers_and_a_request_id(proxy, origin
     assert origin.targets() == [b"/headers?x=1"]
 
 
-def test_an_incoming_request_id_is_propagated(proxy):
+def test_an_incoming_request_id_is_propagated_once(proxy):
     _, headers, body = http_get(proxy.port, "/headers", headers={"X-Request-Id": "abc-123"})
-    got = {k.lower(): v for k, v in json.loads(body)}
-    assert got["x-request-id"] == "abc-123" and headers["x-request-id"] == "abc-123"
+    ids = [v for k, v in json.loads(body) if k.lower() == "x-request-id"]
+    assert ids == ["abc-123"] and headers["x-request-id"] == "abc-123"
 
 
 def test_spoofed_forwarding_headers_from_an_untrusted_peer_are_replaced(proxy):
