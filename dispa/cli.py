@@ -93,11 +93,9 @@ def server_main(argv=None) -> int:
         return 0
 
     demo = args.demo or not args.config
-    try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover
-        runner = asyncio.run
+    # The master runs plain asyncio: it is the control plane (no hot path), and workers are
+    # forked from it, so it must hold no libuv state for them to inherit. Workers run uvloop.
+    runner = asyncio.run
 
     async def amain() -> int:
         from dispa.server.master import Master

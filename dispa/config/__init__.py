@@ -11,7 +11,23 @@ Bad files raise :class:`dispa.errors.ConfigError` listing every problem; see
 docs/configuration.md for the format.
 """
 
-from dispa.config.load import LoadedConfig, check_file, load_config, load_config_text
-from dispa.config.schema import json_schema
+# Lazy (PEP 562): workers import dispa.config.snapshot only, and must not pay for the
+# loaders (PyYAML, tomllib, the model) in time or memory.
+_EXPORTS = {
+    "LoadedConfig": "dispa.config.load", "check_file": "dispa.config.load",
+    "load_config": "dispa.config.load", "load_config_text": "dispa.config.load",
+    "json_schema": "dispa.config.schema",
+}
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dispa.config' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["LoadedConfig", "check_file", "json_schema", "load_config", "load_config_text"]
