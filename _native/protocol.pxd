@@ -93,6 +93,7 @@ cdef class Session:
     cdef object connect_task
     cdef bint continue_sent
     cdef Py_ssize_t held_bytes
+    cdef double last_io   # last progress of the exchange (see on_deadline)
     # downstream bytes collected while one upstream read is processed (Rule 2)
     cdef object _out1
     cdef list _outl

@@ -287,6 +287,7 @@ cdef class Session:
         self.connect_task = None
         self.continue_sent = False
         self.held_bytes = 0
+        self.last_io = 0.0
         return 0
 
     # ------------------------------------------------------------------ accept phase
@@ -328,6 +329,7 @@ cdef class Session:
 
     def resume_writing(self):
         self.write_paused = False
+        self.last_io = _now()
         if self.upstream is not None:
             self.upstream.resume_reading()
 
@@ -643,6 +645,7 @@ cdef class Session:
             chunk = _encode_chunk(chunk)
         if self.state == ST_PROXYING:
             self.body_sent = True
+            self.last_io = _now()
             self.upstream.transport.write(chunk)
         else:
             if self.pending is None:
@@ -657,6 +660,10 @@ cdef class Session:
         self.req_complete = True
         if self.state == ST_IDLE:
             return 0
+        if self.state == ST_PROXYING and self.body_sent:
+            # a request body is all sent: the endpoint's timeout for the response head starts
+            # now (a long upload is limited by write_timeout progress instead)
+            self.deadline = _now() + <double>self.rt.ep_timeouts[self.ep]
         if self.up_chunked:
             trailers = self.parser.trailers
             if trailers:
@@ -709,6 +716,7 @@ cdef class Session:
         if self.state == ST_TUNNEL:
             self.transport.write(data)
             return 0
+        self.last_io = _now()
         parser = conn.parser
         parser._feed(data)
         self._out1 = None
@@ -771,7 +779,8 @@ cdef class Session:
         cdef char cl_digits[24]
         cdef const char* tail = NULL
         self.resp_status = status
-        self.deadline = _now() + <double>self.rt.ep_timeouts[self.ep]
+        # the body streams as long as it makes progress: read_timeout between upstream reads
+        self.deadline = _now() + <double>(<Pool>self.cluster.pools[self.ep]).spec.read_timeout_seconds
         if status < 200 and status != 101:
             # 1xx: forward to HTTP/1.1 clients (103 Early Hints), not to HTTP/1.0 ones.
             if head.version == 11 and status != 100:
@@ -931,6 +940,23 @@ cdef class Session:
             else:
                 self._close()  # keep-alive idle timeout
             return
+        cdef double limit = 0.0
+        if st == ST_PROXYING:
+            # Progress-based limits: a response body may take as long as it needs while bytes
+            # keep moving (read_timeout between upstream reads, or while the client drains),
+            # and so may a request body while the upstream keeps accepting it (write_timeout).
+            spec = (<Pool>self.cluster.pools[self.ep]).spec
+            what = None
+            if self.resp_started:
+                limit, what = spec.read_timeout_seconds, "upstream read timeout"
+            elif not self.req_complete:
+                limit, what = spec.write_timeout_seconds, "upstream write timeout"
+            if limit:
+                if now - self.last_io < limit:
+                    self.deadline = self.last_io + limit
+                    return
+                self._upstream_failed(UpstreamError(what, status_hint=504), False, False)
+                return
         if st == ST_CONNECTING or st == ST_PROXYING:
             if self.connect_task is not None:
                 self.connect_task.cancel()
@@ -1129,6 +1155,7 @@ cdef class UpstreamConnection:
     def resume_writing(self):
         cdef Session owner = self.owner
         if owner is not None:
+            owner.last_io = _now()
             if not (owner.req_complete and owner.state == ST_PROXYING):
                 owner._resume_reading()
 

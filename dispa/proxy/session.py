@@ -122,6 +122,7 @@ class Session(asyncio.Protocol):
         self.connect_task = None
         self.continue_sent = False
         self.held_bytes = 0
+        self.last_io = 0.0  # last progress of the exchange (see on_deadline)
 
     # ------------------------------------------------------------------ accept phase
     def connection_made(self, transport):  # type: ignore[override]
@@ -161,6 +162,7 @@ class Session(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.last_io = time.monotonic()
         if self.upstream is not None:
             self.upstream.resume_reading()
 
@@ -361,6 +363,7 @@ class Session(asyncio.Protocol):
             chunk = encode_chunk(chunk)
         if self.state == PROXYING:
             self.body_sent = True
+            self.last_io = time.monotonic()
             self.upstream.transport.write(chunk)
         else:
             if self.pending is None:
@@ -374,6 +377,10 @@ class Session(asyncio.Protocol):
         self.req_complete = True
         if self.state == IDLE:
             return
+        if self.state == PROXYING and self.body_sent:
+            # a request body is all sent: the endpoint's timeout for the response head starts
+            # now (a long upload is limited by write_timeout progress instead)
+            self.deadline = time.monotonic() + self.cluster.endpoints[self.ep].timeout_seconds
         if self.up_chunked:
             trailers = self.parser.trailers
             if trailers:
@@ -395,6 +402,7 @@ class Session(asyncio.Protocol):
         if self.state == TUNNEL:
             self.transport.write(data)
             return
+        self.last_io = time.monotonic()
         parser = conn.parser
         parser.feed(data)
         out = []
@@ -441,7 +449,8 @@ class Session(asyncio.Protocol):
         """Handle a response head; return True for an interim (1xx) one."""
         status = rh.status
         self.resp_status = status
-        self.deadline = time.monotonic() + self.cluster.endpoints[self.ep].timeout_seconds
+        # the body streams as long as it makes progress: read_timeout between upstream reads
+        self.deadline = time.monotonic() + self.cluster.pools[self.ep].spec.read_timeout_seconds
         if status < 200 and status != 101:
             # 1xx: forward to HTTP/1.1 clients (103 Early Hints), not to HTTP/1.0 ones.
             if self.head.version == 11 and status != 100:
@@ -526,6 +535,7 @@ class Session(asyncio.Protocol):
         self._pause_reading()
 
     def upstream_resume_writing(self) -> None:
+        self.last_io = time.monotonic()
         if not (self.req_complete and self.state == PROXYING):
             self._resume_reading()
 
@@ -576,6 +586,23 @@ class Session(asyncio.Protocol):
             else:
                 self._close()  # keep-alive idle timeout
             return
+        if st == PROXYING:
+            # Progress-based limits: a response body may take as long as it needs while bytes
+            # keep moving (read_timeout between upstream reads, or while the client drains),
+            # and so may a request body while the upstream keeps accepting it (write_timeout).
+            spec = self.cluster.pools[self.ep].spec
+            if self.resp_started:
+                limit, what = spec.read_timeout_seconds, "upstream read timeout"
+            elif not self.req_complete:
+                limit, what = spec.write_timeout_seconds, "upstream write timeout"
+            else:
+                limit, what = 0.0, ""
+            if limit:
+                if now - self.last_io < limit:
+                    self.deadline = self.last_io + limit
+                    return
+                self._upstream_failed(UpstreamError(what, status_hint=504), connect=False)
+                return
         if st in (CONNECTING, PROXYING):
             if self.connect_task is not None:
                 self.connect_task.cancel()

@@ -249,6 +249,56 @@ def test_a_slow_upstream_gives_504(dispa, origin):
     assert 0.9 < time.monotonic() - t0 < 2.5
 
 
+def _reload_with(d, old: str, new: str) -> None:
+    import signal
+    d.config_path.write_text(d.config_path.read_text().replace(old, new))
+    before = d.status()["reloads"]["ok"]
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while d.status()["reloads"]["ok"] <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_a_response_body_may_outlast_the_endpoint_timeout_while_it_progresses(dispa, origin):
+    d = dispa(targets=[("a", origin.url)], extra="[targets.pool]\nread_timeout = 5\n")
+    _reload_with(d, "weight = 1", "weight = 1\ntimeout = 1")
+    status, _, body = http_get(d.port, "/stall?ms=1500", timeout=10)
+    assert (status, body) == (200, b"1234567890")
+
+
+def test_an_upstream_that_stalls_mid_body_hits_the_read_timeout(dispa, origin):
+    d = dispa(targets=[("a", origin.url)], extra="[targets.pool]\nread_timeout = 1\n")
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+    s.sendall(b"GET /stall?ms=4000 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    t0 = time.monotonic()
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    elapsed = time.monotonic() - t0
+    s.close()
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"12345")  # cut short
+    assert 0.9 < elapsed < 3.0
+
+
+def test_a_slow_upload_that_keeps_progressing_outlasts_the_endpoint_timeout(dispa, origin):
+    d = dispa(targets=[("a", origin.url)])
+    _reload_with(d, "weight = 1", "weight = 1\ntimeout = 1")
+
+    def body():
+        for _ in range(8):
+            time.sleep(0.25)
+            yield b"x" * 100
+
+    c = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+    c.request("POST", "/echo", body=body(), headers={"Host": "example.com", "Content-Length": "800"})
+    r = c.getresponse()
+    assert r.status == 200 and r.read() == b"x" * 800
+    c.close()
+
+
 def test_a_client_disconnect_aborts_the_upstream_request(proxy, origin):
     s = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     s.sendall(b"GET /delay?ms=2000 HTTP/1.1\r\nHost: example.com\r\n\r\n")

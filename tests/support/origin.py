@@ -11,6 +11,7 @@ Runs its own event loop in a thread so tests can use blocking clients. Routes:
   /chunked?n=N&size=S    200, chunked, N chunks of S bytes
   /close?n=N             200 with no length: body delimited by closing the connection
   /headers               200, the request headers as JSON
+  /stall?ms=N            200, Content-Length 10: 5 bytes, a pause of N ms, 5 more bytes
 
 ``requests`` lists (method, target, headers, body) for every complete request it saw, in
 order; ``raw`` holds the raw bytes of each connection.
@@ -137,6 +138,13 @@ class Origin:
             data = f"status {status} from {self.name}".encode()
             send(h11.Response(status_code=status, headers=hdrs + [("Content-Length", str(len(data)))]))
             send(h11.Data(data=data))
+        elif path == "/stall":
+            # Content-Length 10: 5 bytes, a pause of ms, then 5 more
+            send(h11.Response(status_code=200, headers=hdrs + [("Content-Length", "10")]))
+            send(h11.Data(data=b"12345"))
+            await writer.drain()
+            await asyncio.sleep(int(q.get("ms", "1000")) / 1000)
+            send(h11.Data(data=b"67890"))
         elif path == "/sink":
             send(h11.Response(status_code=200, headers=hdrs + [("Content-Length", str(len(body)))]))
             send(h11.Data(data=body))
