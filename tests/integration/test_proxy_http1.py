@@ -400,3 +400,32 @@ def test_upgrade_requests_are_tunnelled(dispa):
     assert s.recv(10) == b"cba"
     s.close()
     srv.close()
+
+
+def test_a_slow_request_head_gets_408_after_the_header_timeout(dispa, origin):
+    d = dispa(targets=[("a", origin.url)], server_extra="header_timeout = 1")
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: exa")
+    t0 = time.monotonic()
+    data = b""
+    while True:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    assert data.startswith(b"HTTP/1.1 408") and b"connection: close" in data.lower()
+    assert 0.9 < time.monotonic() - t0 < 2.0
+    assert origin.requests == []
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(dispa, origin):
+    d = dispa(targets=[("a", origin.url)], server_extra="keep_alive_timeout = 1")
+    s = socket.create_connection(("127.0.0.1", d.port), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n")
+    first = s.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200")
+    t0 = time.monotonic()
+    assert s.recv(4096) == b""  # closed by the proxy, without a response
+    assert 0.9 < time.monotonic() - t0 < 2.0
+    s.close()
