@@ -75,6 +75,7 @@ cdef class Session:
     cdef _RuntimeView rt
     cdef readonly object cluster
     cdef readonly Py_ssize_t ep
+    cdef bint ep_held   # the selector counts a request in flight on ``ep``
     cdef object tried
     cdef readonly UpstreamConnection upstream
     cdef bytes up_head
@@ -110,7 +111,8 @@ cdef class Session:
     cdef int _resume_reading(self) except -1
     cdef int _process(self) except -1
     cdef int _on_head(self, RequestHead head) except -1
-    cdef bytes _upstream_head(self, RequestHead head, bytes target, object host_hdr)
+    cdef bytes _upstream_head(self, RequestHead head, bytes target, object host_hdr,
+                              object authority)
     cdef int _choose_and_connect(self) except -1
     cdef int _attach(self, UpstreamConnection conn) except -1
     cdef int _on_body(self, bytes chunk) except -1
@@ -126,6 +128,7 @@ cdef class Session:
     cdef int _respond_local(self, int status, bytes body, bint close) except -1
     cdef int _finish_exchange(self, UpstreamConnection conn, bint reusable) except -1
     cdef int _start_tunnel(self) except -1
+    cdef int _release_ep(self) except -1
     cpdef _abort(self, str why)
     cdef int _close(self) except -1
     cdef int _log_request(self, int status) except -1

@@ -41,7 +41,7 @@ from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from dispa.errors import UpstreamError
-from dispa.proxy.forwarding import forwarding_headers
+from dispa.proxy.forwarding import BadTarget, forwarding_headers, split_absolute_form
 
 cdef extern from "Python.h":
     int PyUnicode_IS_ASCII(object o)
@@ -269,6 +269,7 @@ cdef class Session:
         self.rt = None
         self.cluster = None
         self.ep = -1
+        self.ep_held = False
         self.tried = None
         self.upstream = None
         self.up_head = py_EMPTY
@@ -316,8 +317,7 @@ cdef class Session:
             if up is not None:
                 up.owner = None
                 up.close()
-            if self.cluster is not None and self.ep >= 0:
-                self.cluster.selector.release(self.ep)
+            self._release_ep()
             if prev != ST_TUNNEL:
                 self._log_request(499)
         self._reset_exchange()
@@ -418,7 +418,6 @@ cdef class Session:
         cdef _RuntimeView rt = _view_of(server)
         cdef bytes target, host, rid
         cdef object host_hdr
-        cdef Py_ssize_t slash
         self.rt = rt
         self.head = head
         self.in_head = False
@@ -441,11 +440,16 @@ cdef class Session:
         target = head.target
         host_hdr = _get(head.headers, b"host", False)
         host = host_hdr or py_EMPTY
-        if PyBytes_GET_SIZE(target) >= 7 and _ieq(
-                <const unsigned char*>PyBytes_AS_STRING(target), 7, b"http://", 7):
-            slash = target.find(b"/", 7)
-            host = target[7:slash] if slash > 0 else target[7:]
-            target = target[slash:] if slash > 0 else b"/"
+        authority = None
+        if PyBytes_GET_SIZE(target) == 0 or \
+                (<const unsigned char*>PyBytes_AS_STRING(target))[0] != 47:  # not "/..."
+            try:
+                authority, target = split_absolute_form(target)
+            except BadTarget as exc:
+                self.domain = "-"
+                return self._respond_local(400, f"bad request: {exc}\n".encode(), True)
+            if authority is not None:
+                host = authority
         # domain_label and intercept.match are memoised functions of (worker, runtime, raw
         # Host): a connection remembers its last Host value and skips both calls
         if self._memo_rt is not rt:
@@ -465,10 +469,11 @@ cdef class Session:
         self.cluster = rt.default_cluster
 
         # upstream request head (phase 6): downstream headers minus hop-by-hop, plus ours
-        self.up_head = self._upstream_head(head, target, host_hdr)
+        self.up_head = self._upstream_head(head, target, host_hdr, authority)
         return self._choose_and_connect()
 
-    cdef bytes _upstream_head(self, RequestHead head, bytes target, object host_hdr):
+    cdef bytes _upstream_head(self, RequestHead head, bytes target, object host_hdr,
+                              object authority):
         """session.py's forwarding_headers + extra + proxy_request_head, without Python
         objects in the common case."""
         cdef _RuntimeView rt = self.rt
@@ -486,7 +491,8 @@ cdef class Session:
         cdef tuple item
         cdef list headers = head.headers
         trusted = self._memo_trusted   # rt.trusted.contains(peer_ip), memoised in _on_head
-        fast = not trusted and rt.via_ok and rt.rid_name_ok and PyUnicode_IS_ASCII(peer_ip)
+        fast = (authority is None and not trusted and rt.via_ok and rt.rid_name_ok
+                and PyUnicode_IS_ASCII(peer_ip))
         if fast and via:
             # a Via chain from the client is extended (forwarding.py): Python path
             for i in range(len(headers)):
@@ -503,7 +509,12 @@ cdef class Session:
             fast = need <= FWD_SCRATCH
         if not fast:
             # the reference path (session.py, line for line)
-            extra = forwarding_headers(head, peer_ip, trusted, via)
+            extra = forwarding_headers(head, peer_ip, trusted, via, host=authority)
+            drop = rt.drop_request
+            if authority is not None:
+                # absolute form: the target's authority replaces Host (RFC 9112 §3.2.2)
+                extra.insert(0, (b"Host", authority))
+                drop = drop | {b"host"}
             if rt.rid_name:
                 extra.append((rt.rid_name, self.rid))
             if head.chunked:
@@ -513,7 +524,7 @@ cdef class Session:
                 extra.append((b"Content-Length", str(head.content_length).encode()))
             if head.upgrade:
                 extra.append((b"Connection", b"upgrade"))
-            return proxy_request_head(head, target, rt.drop_request, extra)
+            return proxy_request_head(head, target, drop, extra)
 
         if _bad_target(target):
             raise ValueError(f"invalid request target: {target!r}")
@@ -582,6 +593,7 @@ cdef class Session:
             return 0
         self.ep = i
         cluster.selector.acquire(i)
+        self.ep_held = True
         # the endpoint's timeout bounds the whole upstream exchange, within the request timeout
         ep_timeout = <double>self.rt.ep_timeouts[i]   # cluster.endpoints[i].timeout_seconds
         a = self.t0 + self.rt.request_timeout
@@ -657,9 +669,9 @@ cdef class Session:
         return 0
 
     cdef int _on_body_end(self) except -1:
-        self.req_complete = True
         if self.state == ST_IDLE:
-            return 0
+            return 0  # the end of a request we already answered locally
+        self.req_complete = True
         if self.state == ST_PROXYING and self.body_sent:
             # a request body is all sent: the endpoint's timeout for the response head starts
             # now (a long upload is limited by write_timeout progress instead)
@@ -676,6 +688,7 @@ cdef class Session:
 
     cdef int _send_raw(self, bytes data) except -1:
         if self.state == ST_PROXYING:
+            self.body_sent = True  # the chunked terminator is body: no retry after it
             self.upstream.transport.write(data)
         else:
             if self.pending is None:
@@ -899,7 +912,7 @@ cdef class Session:
         cluster = self.cluster
         cdef Py_ssize_t i = self.ep
         if i >= 0:
-            cluster.selector.release(i)
+            self._release_ep()
             if connect:
                 cluster.mark_failed(i)
                 self.server.report_passive(cluster.name, cluster.endpoints[i].id,
@@ -977,8 +990,7 @@ cdef class Session:
                 self.upstream = None
             if self.connect_task is not None:
                 self.connect_task.cancel()
-            if self.cluster is not None and self.ep >= 0:
-                self.cluster.selector.release(self.ep)
+            self._release_ep()
             if self.resp_started:
                 self._abort("malformed request body")
                 return 0
@@ -1027,13 +1039,16 @@ cdef class Session:
         cdef Py_ssize_t ep = self.ep
         cdef int status = self.resp_status
         cdef bint keep
-        cluster.selector.release(ep)
+        self._release_ep()
         self.rt.observe_upstream(self.rt.ep_ids[ep], "ok", _now() - self.t0)
         conn.owner = None
         self.upstream = None
         conn.parser.head = None  # back to the freelist now, not at the next response
+        # Bytes after the end of the response (a body sent with HEAD, more than its
+        # Content-Length) would be read as the next request's response: never pool that.
+        leftover = conn.parser.take_rest()
         conn.parser._release_if_empty()  # an idle pooled connection keeps no read buffer
-        if reusable and self.req_complete and not conn.parser.eof:
+        if reusable and self.req_complete and not conn.parser.eof and not leftover:
             (<Pool?>cluster.pools[ep]).release(conn)
         else:
             conn.close()
@@ -1061,8 +1076,16 @@ cdef class Session:
             self.upstream.transport.write(rest)
         return self._resume_reading()
 
+    cdef int _release_ep(self) except -1:
+        """End the selector's in-flight count for the current endpoint (exactly once)."""
+        if self.ep_held:
+            self.ep_held = False
+            self.cluster.selector.release(self.ep)
+        return 0
+
     cpdef _abort(self, str why):
         log.info("aborting client connection from %s: %s", self.peer_ip, why)
+        self._release_ep()
         self._log_request(self.resp_status or 502)
         up = self.upstream
         if up is not None:
@@ -1074,6 +1097,7 @@ cdef class Session:
             self.transport.abort()
 
     cdef int _close(self) except -1:
+        self._release_ep()
         if self.state == ST_TUNNEL and self.upstream is not None:
             self.upstream.owner = None
             self.upstream.close()

@@ -82,6 +82,8 @@ async def probe(endpoint: EndpointSpec, spec: HealthCheckSpec) -> tuple[bool, st
         return False, "timeout"
     except OSError as exc:
         return False, exc.strerror or str(exc)
+    except Exception as exc:  # noqa: BLE001 - e.g. a status line over the stream limit
+        return False, f"probe failed: {type(exc).__name__}"
     finally:
         if writer is not None:
             writer.close()
@@ -112,8 +114,12 @@ class HealthChecker:
                 wanted[f"{c.name}/{e.id}"] = (e, c.health_check)
         for key in [k for k in self._tasks if k not in wanted or wanted[k] != self._specs[k]]:
             self._tasks.pop(key).cancel()
+        revived = {}
         for key in [k for k in self.states if k not in wanted]:
-            del self.states[key]
+            # No longer checked: forget it, and tell the workers it is usable again, or an
+            # endpoint that was down when its checks were switched off would stay out forever.
+            if not self.states.pop(key).healthy:
+                revived[key] = True
             self.details.pop(key, None)
         for key, (endpoint, spec) in wanted.items():
             self._specs[key] = (endpoint, spec)
@@ -126,6 +132,8 @@ class HealthChecker:
             if key not in self._tasks:
                 self._wake[key] = asyncio.Event()
                 self._tasks[key] = asyncio.ensure_future(self._run(key))
+        if revived:
+            self.on_change(revived)
 
     def passive_failure(self, key: str) -> None:
         """A worker failed to connect: probe that endpoint now (rate-limited)."""
@@ -137,6 +145,7 @@ class HealthChecker:
         while True:
             endpoint, spec = self._specs[key]
             self._last_probe[key] = time.monotonic()
+            self._wake[key].clear()  # a passive wake-up during this probe is kept
             ok, detail = await probe(endpoint, spec)
             st = self.states.get(key)
             if st is None:
@@ -151,7 +160,6 @@ class HealthChecker:
                                               "detail": detail}})
                 self.on_change({key: st.healthy})
             ev = self._wake[key]
-            ev.clear()
             try:
                 await asyncio.wait_for(ev.wait(), spec.interval_seconds)
             except TimeoutError:

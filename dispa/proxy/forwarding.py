@@ -45,11 +45,49 @@ def _forwarded_node(ip: str) -> str:
     return f'"[{ip}]"' if ":" in ip else ip
 
 
-def forwarding_headers(head, peer_ip: str, trusted: bool, via: bytes, proto: bytes = b"http"
-                       ) -> list[tuple[bytes, bytes]]:
-    """The forwarding headers for the upstream copy of ``head`` (a RequestHead)."""
+class BadTarget(ValueError):
+    """An absolute-form request target we refuse (400)."""
+
+
+def split_absolute_form(target: bytes) -> tuple[bytes | None, bytes]:
+    """RFC 9112 §3.2.2: ``http://host:port/p?q`` -> ``(b"host:port", b"/p?q")``.
+
+    Returns ``(None, target)`` for any other form (origin form, ``*``). The scheme is
+    case-insensitive; a query without a path gets ``/``; userinfo (``user@host``) and an empty
+    authority raise BadTarget. The authority then *replaces* the Host header upstream (the
+    RFC says a proxy must ignore Host for absolute-form requests), so interception and the
+    upstream always agree on the virtual host.
+    """
+    scheme = target[:8].lower()
+    if scheme.startswith(b"http://"):
+        start = 7
+    elif scheme.startswith(b"https://"):
+        start = 8
+    else:
+        return None, target
+    end = len(target)
+    for sep in (b"/", b"?", b"#"):
+        i = target.find(sep, start)
+        if 0 <= i < end:
+            end = i
+    authority = target[start:end]
+    if not authority or b"@" in authority:
+        raise BadTarget("invalid absolute-form request target")
+    rest = target[end:].partition(b"#")[0]
+    if not rest.startswith(b"/"):
+        rest = b"/" + rest
+    return authority, rest
+
+
+def forwarding_headers(head, peer_ip: str, trusted: bool, via: bytes, proto: bytes = b"http",
+                       host: bytes | None = None) -> list[tuple[bytes, bytes]]:
+    """The forwarding headers for the upstream copy of ``head`` (a RequestHead).
+
+    ``host`` overrides the Host header (absolute-form requests carry it in the target).
+    """
     peer = peer_ip.encode("latin-1")
-    host = head.get(b"host") or b""
+    if host is None:
+        host = head.get(b"host") or b""
     if trusted:
         prior_xff = b", ".join(head.get_all(b"x-forwarded-for"))
         xff = prior_xff + b", " + peer if prior_xff else peer

@@ -41,7 +41,7 @@ import logging
 import time
 
 from dispa.errors import UpstreamError
-from dispa.proxy.forwarding import forwarding_headers
+from dispa.proxy.forwarding import BadTarget, forwarding_headers, split_absolute_form
 from dispa.protocols.http1 import (
     DATA, END, HEAD, LAST_CHUNK, NEED_DATA, UPGRADE, ProtocolError, RequestParser,
     encode_chunk, proxy_request_head, proxy_response_head, write_response_head,
@@ -103,6 +103,7 @@ class Session(asyncio.Protocol):
         self.rt = None
         self.cluster = None
         self.ep = -1
+        self.ep_held = False  # the selector counts a request in flight on ``ep``
         self.tried = None
         self.upstream = None
         self.up_head = b""
@@ -149,8 +150,7 @@ class Session(asyncio.Protocol):
             if up is not None:
                 up.owner = None
                 up.close()
-            if self.cluster is not None and self.ep >= 0:
-                self.cluster.selector.release(self.ep)
+            self._release_ep()
             if prev != TUNNEL:
                 self._log_request(499)
         self._reset_exchange()
@@ -264,10 +264,16 @@ class Session(asyncio.Protocol):
         # route: domain interception. Absolute-form targets carry the authority (RFC 9112 §3.2.2).
         target = head.target
         host = head.get(b"host") or b""
-        if target[:7].lower() == b"http://":
-            slash = target.find(b"/", 7)
-            host = target[7:slash] if slash > 0 else target[7:]
-            target = target[slash:] if slash > 0 else b"/"
+        authority = None
+        if target[:1] != b"/":
+            try:
+                authority, target = split_absolute_form(target)
+            except BadTarget as exc:
+                self.domain = "-"
+                self._respond_local(400, f"bad request: {exc}\n".encode(), close=True)
+                return
+            if authority is not None:
+                host = authority
         self.domain = server.domain_label(host)
         if not rt.intercept.match(host):
             self._respond_local(rt.reject_status, rt.reject_body, close=self._has_body(head))
@@ -278,7 +284,12 @@ class Session(asyncio.Protocol):
         self.cluster = cluster
 
         # upstream request head (phase 6): downstream headers minus hop-by-hop, plus ours
-        extra = forwarding_headers(head, self.peer_ip, rt.trusted.contains(self.peer_ip), rt.via)
+        extra = forwarding_headers(head, self.peer_ip, rt.trusted.contains(self.peer_ip), rt.via,
+                                   host=authority)
+        drop = rt.drop_request
+        if authority is not None:
+            extra.insert(0, (b"Host", authority))
+            drop = drop | {b"host"}
         if rid_name:
             extra.append((rid_name, self.rid))
         if head.chunked:
@@ -288,7 +299,7 @@ class Session(asyncio.Protocol):
             extra.append((b"Content-Length", str(head.content_length).encode()))
         if head.upgrade:
             extra.append((b"Connection", b"upgrade"))
-        self.up_head = proxy_request_head(head, target, rt.drop_request, extra)
+        self.up_head = proxy_request_head(head, target, drop, extra)
         self._choose_and_connect()
 
     @staticmethod
@@ -304,6 +315,7 @@ class Session(asyncio.Protocol):
             return
         self.ep = i
         cluster.selector.acquire(i)
+        self.ep_held = True
         # the endpoint's timeout bounds the whole upstream exchange, within the request timeout
         self.deadline = min(self.t0 + self.rt.proxy.request_timeout_seconds,
                             time.monotonic() + cluster.endpoints[i].timeout_seconds)
@@ -374,9 +386,9 @@ class Session(asyncio.Protocol):
                 self._pause_reading()
 
     def _on_body_end(self) -> None:
-        self.req_complete = True
         if self.state == IDLE:
-            return
+            return  # the end of a request we already answered locally
+        self.req_complete = True
         if self.state == PROXYING and self.body_sent:
             # a request body is all sent: the endpoint's timeout for the response head starts
             # now (a long upload is limited by write_timeout progress instead)
@@ -391,6 +403,7 @@ class Session(asyncio.Protocol):
 
     def _send_raw(self, data: bytes) -> None:
         if self.state == PROXYING:
+            self.body_sent = True  # the chunked terminator is body: no retry after it
             self.upstream.transport.write(data)
         else:
             if self.pending is None:
@@ -545,7 +558,7 @@ class Session(asyncio.Protocol):
         cluster = self.cluster
         i = self.ep
         if i >= 0:
-            cluster.selector.release(i)
+            self._release_ep()
             if connect:
                 cluster.mark_failed(i)
                 self.server.report_passive(cluster.name, cluster.endpoints[i].id, "connect_failed")
@@ -623,8 +636,7 @@ class Session(asyncio.Protocol):
                 self.upstream = None
             if self.connect_task is not None:
                 self.connect_task.cancel()
-            if self.cluster is not None and self.ep >= 0:
-                self.cluster.selector.release(self.ep)
+            self._release_ep()
             if self.resp_started:
                 self._abort("malformed request body")
                 return
@@ -672,13 +684,16 @@ class Session(asyncio.Protocol):
 
     def _finish_exchange(self, conn, *, reusable: bool) -> None:
         cluster = self.cluster
-        cluster.selector.release(self.ep)
+        self._release_ep()
         status = self.resp_status
         self.server.metrics.observe_upstream(cluster.endpoints[self.ep].id, "ok",
                                              time.monotonic() - self.t0)
         conn.owner = None
         self.upstream = None
-        if reusable and self.req_complete and not conn.parser.eof:
+        # Bytes after the end of the response (a body sent with HEAD, more than its
+        # Content-Length) would be read as the next request's response: never pool that.
+        leftover = conn.parser.take_rest()
+        if reusable and self.req_complete and not conn.parser.eof and not leftover:
             cluster.pools[self.ep].release(conn)
         else:
             conn.close()
@@ -702,8 +717,15 @@ class Session(asyncio.Protocol):
             self.upstream.transport.write(rest)
         self._resume_reading()
 
+    def _release_ep(self) -> None:
+        """End the selector's in-flight count for the current endpoint (exactly once)."""
+        if self.ep_held:
+            self.ep_held = False
+            self.cluster.selector.release(self.ep)
+
     def _abort(self, why: str) -> None:
         log.info("aborting client connection from %s: %s", self.peer_ip, why)
+        self._release_ep()
         self._log_request(self.resp_status or 502)
         up = self.upstream
         if up is not None:
@@ -715,6 +737,7 @@ class Session(asyncio.Protocol):
             self.transport.abort()
 
     def _close(self) -> None:
+        self._release_ep()
         if self.state == TUNNEL and self.upstream is not None:
             self.upstream.owner = None
             self.upstream.close()

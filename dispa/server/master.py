@@ -72,7 +72,7 @@ class Master:
         self.metrics = MetricsAggregator()
         self.health = HealthChecker(self._on_health_change)
         self.supervisor = Supervisor(self._make_init, self._on_passive, self._on_worker_exit,
-                                     self._give_up)
+                                     self._give_up, self._on_worker_ready)
         self.admin: AdminServer | None = None
         self.exit_code = EXIT_OK
         self._stop: asyncio.Future | None = None
@@ -99,6 +99,12 @@ class Master:
         for cluster, endpoint_id, event in events:
             if event == "connect_failed":
                 self.health.passive_failure(f"{cluster}/{endpoint_id}")
+
+    def _on_worker_ready(self, h) -> None:
+        snapshot = self.loaded.snapshot
+        if h.version != snapshot.version:
+            h.channel.send(m.ApplySnapshot(snapshot=snapshot))
+        h.channel.send(m.HealthUpdate(states=self.health.health_map()))
 
     def _on_worker_exit(self, h) -> None:
         self.metrics.retire(h.key)
@@ -189,6 +195,9 @@ class Master:
             log.info("reload requested (%s) but no config file is in use", reason)
             return False
         async with self._reload_lock:
+            if self.supervisor.stopping:
+                log.info("reload (%s) ignored: shutting down", reason)
+                return False
             self._config_fingerprint = self._fingerprint()
             try:
                 new = load_config(self.config_path)

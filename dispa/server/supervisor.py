@@ -91,7 +91,7 @@ def fork_worker(child: socket.socket) -> ForkedProcess:
                     signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         os.closerange(3, fd)
-        os.closerange(fd + 1, 1 << 16)
+        os.closerange(fd + 1, max(os.sysconf("SC_OPEN_MAX"), fd + 2))
         asyncio.events._set_running_loop(None)
         from dispa.server import worker
         code = worker.main(["--fd", str(fd)])
@@ -153,11 +153,13 @@ class Supervisor:
     def __init__(self, make_init: Callable[[int, int], m.Init],
                  on_passive: Callable[[list], None],
                  on_worker_exit: Callable[[WorkerHandle], None],
-                 on_give_up: Callable[[str], None]):
+                 on_give_up: Callable[[str], None],
+                 on_ready: Callable[[WorkerHandle], None] = lambda h: None):
         self.make_init = make_init
         self.on_passive = on_passive
         self.on_worker_exit = on_worker_exit
         self.on_give_up = on_give_up
+        self.on_ready = on_ready
         self.workers: dict[int, WorkerHandle] = {}  # slot -> current handle
         self.old: list[WorkerHandle] = []  # draining handles from earlier generations
         self.generation = 0
@@ -218,6 +220,8 @@ class Supervisor:
             h.version = msg.version
             if not h.ready.done():
                 h.ready.set_result(h)
+            # A reload or a health change while it was starting did not reach it: catch up.
+            self.on_ready(h)
         elif isinstance(msg, m.Ack):
             h.version = msg.version
             fut = h.ack_waiters.pop(msg.version, None)
@@ -285,6 +289,7 @@ class Supervisor:
             log.info("worker %d respawned as pid %d", h.slot, new.pid)
         except (asyncio.TimeoutError, RuntimeError) as exc:
             log.error("respawned worker %d failed to start: %s", h.slot, exc)
+            self._kill(new)  # its exit goes through _reap, which respawns with backoff
 
     # ------------------------------------------------------------------ commands
     def live(self) -> list[WorkerHandle]:
@@ -309,6 +314,7 @@ class Supervisor:
                 ok = await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
                 ok = None
+                h.ack_waiters.pop(snapshot.version, None)
             if ok is False:
                 errors.append(f"worker {h.slot}: {h.nack_error}")
             elif ok is None and h.state == "ready":

@@ -68,8 +68,9 @@ class DataPlane:
     def domain_label(self, raw_host: bytes) -> str:
         label = self._domains.get(raw_host)
         if label is None:
-            label = normalize_host(raw_host) or "-" if len(self._domains) < _DOMAIN_LABEL_LIMIT \
-                else "other"
+            if len(self._domains) >= _DOMAIN_LABEL_LIMIT:
+                return "other"  # bounded: a client cannot grow this with random Host values
+            label = normalize_host(raw_host) or "-"
             self._domains[raw_host] = label
         return label
 
@@ -85,9 +86,9 @@ class DataPlane:
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         sockets = [bind_listener(spec) for spec in self.static.listeners]
-        for sock in sockets:
+        for sock, spec in zip(sockets, self.static.listeners):
             srv = await self.loop.create_server(lambda: Session(self), sock=sock,
-                                                backlog=self.static.listeners[0].backlog)
+                                                backlog=spec.backlog)
             self.servers.append(srv)
         self.loop.create_task(self._sweeper())
 

@@ -429,3 +429,17 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout(di
     assert s.recv(4096) == b""  # closed by the proxy, without a response
     assert 0.9 < time.monotonic() - t0 < 2.0
     s.close()
+
+
+def test_absolute_form_targets_are_intercepted_by_their_authority(dispa, origin):
+    d = dispa(targets=[("a", origin.url)], domains={"intercept_domains": ["example.com"]})
+    out = raw_exchange(d.port, b"GET http://admin.internal/x HTTP/1.1\r\nHost: example.com\r\n"
+                               b"Connection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 404")
+    assert origin.requests == []
+    out = raw_exchange(d.port, b"GET http://example.com/x?q=1 HTTP/1.1\r\nHost: admin.internal\r\n"
+                               b"Connection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+    method, target, headers, _ = origin.requests[0]
+    assert target == b"/x?q=1"
+    assert [v for k, v in headers if k == b"host"] == [b"example.com"]

@@ -43,6 +43,8 @@ intercept_domains = {domains}
 [[targets.targets]]
 name = "a"
 url = "http://127.0.0.1:18090"
+[targets.load_balancing]
+type = "leastconnections"
 [targets.health_check]
 enabled = false
 [monitoring]
@@ -163,6 +165,7 @@ def run(twin: str, steps, *, server_extra: str = "", domains: str = "[]", peer=N
                 raise AssertionError(kind)
             log.append(("state", session.state, session.requests))
         log.append(("pool", pool.total, len(pool.idle), pool.reuses))
+        log.append(("inflight", cluster.selector.inflight(0)))
         log.append(("passive", tuple(server.passive)))
         log.append(("in_sessions", session in server.sessions))
         return log
@@ -347,3 +350,53 @@ def run_with(twin, steps, patch):
         return run(twin, steps)
     finally:
         FakeServer.__init__ = orig
+
+
+def _entry(log, kind):
+    return next(e for e in log if e[0] == kind)
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_bytes_after_a_response_are_never_pooled(twin):
+    # an upstream that sends a body with a HEAD response: the extra bytes would otherwise be
+    # read as the next request's response (possibly another client's)
+    log = run(twin, [("down", GET.replace(b"GET", b"HEAD")),
+                     ("up", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil")])
+    assert writes(log, "down").startswith(b"HTTP/1.1 200 OK")
+    assert b"evil" not in writes(log, "down")
+    assert _entry(log, "pool")[1:3] == (0, 0)  # closed, not pooled
+    assert _entry(log, "inflight") == ("inflight", 0)
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_an_upstream_lost_mid_response_releases_its_in_flight_count(twin):
+    log = run(twin, [("down", GET),
+                     ("up", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhel"),
+                     ("up_lost",)])
+    assert _entry(log, "inflight") == ("inflight", 0)
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_absolute_form_authority_replaces_the_host_header(twin):
+    log = run(twin, [("down", b"GET HTTP://Example.COM:81?q=1 HTTP/1.1\r\nHost: admin.internal\r\n\r\n"),
+                     ("up", OK)])
+    up = writes(log, "up0")
+    assert up.startswith(b"GET /?q=1 HTTP/1.1\r\nHost: Example.COM:81\r\n")
+    assert b"admin.internal" not in up
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_absolute_form_with_userinfo_is_refused(twin):
+    log = run(twin, [("down", b"GET http://user@example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")])
+    assert writes(log, "down").startswith(b"HTTP/1.1 400")
+    assert writes(log, "up0") == b""
+
+
+def test_domain_labels_are_bounded():
+    from dispa.server.worker import DataPlane, _DOMAIN_LABEL_LIMIT
+    plane = SimpleNamespace(_domains={})
+    for i in range(3 * _DOMAIN_LABEL_LIMIT):
+        DataPlane.domain_label(plane, b"h%d.example" % i)
+    assert len(plane._domains) == _DOMAIN_LABEL_LIMIT
+    assert DataPlane.domain_label(plane, b"new.example") == "other"
