@@ -16,4 +16,20 @@ echo "$out"
 echo "$out" | grep -q "dispa._hotpath): compiled, in use"
 echo "$out" | grep -q "dispa._rust): compiled, in use"
 "$WORK/venv/bin/dispa" config check "$ROOT/../shared/compat/config.example.toml"
+
+# The README's main job from the installed wheel: `dispa-server` with no config serves a
+# proxied response from the built-in demo upstream (ports moved off 8080/8081 here).
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+ADMIN=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$WORK/venv/bin/dispa-server" --demo-bind "127.0.0.1:$PORT" --demo-admin-port "$ADMIN" >"$WORK/demo.log" 2>&1 &
+DEMO=$!
+ok=""
+for _ in $(seq 1 100); do
+  if body=$(curl -fsS "http://127.0.0.1:$PORT/hello" 2>/dev/null); then ok=1; break; fi
+  sleep 0.1
+done
+kill -TERM "$DEMO"; wait "$DEMO" || true
+[ -n "$ok" ] || { echo "demo did not answer"; cat "$WORK/demo.log"; exit 1; }
+echo "$body" | grep -q "Hello from the Dispa demo upstream"
+echo "demo OK: $(echo "$body" | head -1)"
 echo "wheel OK: $(ls "$WORK"/dist)"
