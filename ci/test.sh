@@ -19,7 +19,7 @@ echo "== compiled build: full suite"
 python3 -m pytest "${PYTEST_ARGS[@]}" tests
 
 echo "== pure-Python twins (DISPA_NO_EXTENSIONS=1): unit, golden, fuzz and integration"
-DISPA_NO_EXTENSIONS=1 python3 -m pytest "${PYTEST_ARGS[@]}" -m "not slow" tests/unit tests/fuzz tests/integration
+DISPA_NO_EXTENSIONS=1 python3 -m pytest "${PYTEST_ARGS[@]}" -m "not slow" tests/unit tests/fuzz tests/integration tests/meta
 
 echo "== workers as fresh interpreters (DISPA_SPAWN=exec) instead of forked: the runtime tests"
 DISPA_SPAWN=exec python3 -m pytest "${PYTEST_ARGS[@]}" tests/e2e/test_runtime.py
