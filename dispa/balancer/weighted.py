@@ -48,31 +48,22 @@ class SmoothWeighted:
                     best_cw = cw
             current[best] = best_cw - self._total
             return best
-        total = 0
-        for i in self._range:
-            if not healthy[i]:
-                continue
-            w = weights[i]
-            cw = current[i] + w
-            current[i] = cw
-            total += w
-            if best < 0 or cw > best_cw:
-                best = i
-                best_cw = cw
-        if best >= 0:
-            current[best] = best_cw - total
-        return best
+        return self._pick_masked(healthy, None)
 
     def pick_excluding(self, healthy: list[bool] | None, exclude: set[int], key: bytes | None = None) -> int:
         if not exclude:
             return self.pick(healthy, key)
+        return self._pick_masked(healthy, exclude)
+
+    def _pick_masked(self, healthy: list[bool] | None, exclude: set[int] | None) -> int:
+        # smooth WRR over the usable endpoints only; skipped ones keep their current weight
         weights = self._weights
         current = self._current
         best = -1
         best_cw = 0
         total = 0
         for i in self._range:
-            if i in exclude or (healthy is not None and not healthy[i]):
+            if (healthy is not None and not healthy[i]) or (exclude is not None and i in exclude):
                 continue
             w = weights[i]
             cw = current[i] + w
