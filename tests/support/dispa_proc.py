@@ -128,3 +128,34 @@ def http_get(port: int, path: str = "/", host: str = "example.com", timeout: flo
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
     finally:
         c.close()
+
+
+def read_one_response(sock, *, method: bytes = b"GET") -> tuple[int, bytes, bytes]:
+    """Read exactly one HTTP/1.1 response from ``sock``: (status, raw head, body).
+
+    TCP gives no message boundaries; a response may arrive in any number of
+    segments, so tests must never assume one ``recv`` holds a whole response.
+    Bytes that follow the response in the same segment are discarded, so use
+    it for the last response expected before the peer closes or goes idle.
+    """
+    import h11
+
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+    conn.send(h11.EndOfMessage())
+    head, body, status = b"", b"", 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            chunk = sock.recv(65536)
+            conn.receive_data(chunk)
+            if not chunk:
+                raise ConnectionError("connection closed before the response was complete")
+            continue
+        if isinstance(event, h11.Response):
+            status = event.status_code
+            head = b"".join(k + b": " + v + b"\r\n" for k, v in event.headers)
+        elif isinstance(event, h11.Data):
+            body += bytes(event.data)
+        elif isinstance(event, h11.EndOfMessage):
+            return status, head, body
