@@ -41,6 +41,7 @@ cdef class _RuntimeView:
     cdef frozenset drop_request
     cdef Slice drop[8]
     cdef int ndrop
+    cdef object pipeline
     cdef object intercept_match
     cdef object trusted_contains
     cdef object default_cluster
@@ -105,14 +106,32 @@ cdef class Session:
     cdef bytes _memo_host
     cdef object _memo_domain
     cdef bint _memo_match
+    # routing rules and filters (proxy/pipeline.py); None on the fast path
+    cdef readonly object plan
+    cdef bint plan_wait        # the request phase is running (async hooks): hold the parser
+    cdef bint resp_filter      # the plan has response body hooks
+    cdef object _p_target
+    cdef object _p_host_hdr
+    cdef object _p_authority
+    cdef tuple ep_timeouts     # of self.cluster's endpoints
+    cdef tuple ep_ids
+    cdef object _stash_rh      # a response head waiting for async response hooks
 
     cdef int _reset_exchange(self) except -1
+    cdef int _set_cluster(self, object cluster) except -1
+    cdef int _plan_continue(self) except -1
+    cdef int _respond_with(self, int status, bytes reason, list app_headers, bytes body,
+                           bint close) except -1
+    cdef int _respond_response(self, object resp) except -1
+    cdef int _emit_response_head(self, ResponseHead rh, ResponseParser parser, int status,
+                                 bytes reason, list headers) except -1
+    cdef int _replace_response(self, object resp) except -1
     cdef int _pause_reading(self) except -1
     cdef int _resume_reading(self) except -1
     cdef int _process(self) except -1
     cdef int _on_head(self, RequestHead head) except -1
     cdef bytes _upstream_head(self, RequestHead head, bytes target, object host_hdr,
-                              object authority)
+                              object authority, list headers)
     cdef int _choose_and_connect(self) except -1
     cdef int _attach(self, UpstreamConnection conn) except -1
     cdef int _on_body(self, bytes chunk) except -1
@@ -121,7 +140,7 @@ cdef class Session:
     cdef int _emit(self, object piece) except -1
     cdef int _flush(self) except -1
     cdef int _upstream_data(self, UpstreamConnection conn, object data) except -1
-    cdef bint _on_response_head(self, ResponseHead rh, ResponseParser parser) except -1
+    cdef int _on_response_head(self, ResponseHead rh, ResponseParser parser) except -1
     cdef int _upstream_lost(self, UpstreamConnection conn) except -1
     cdef int _upstream_failed(self, object exc, bint connect, bint bad_response) except -1
     cdef int _protocol_error(self, object exc) except -1

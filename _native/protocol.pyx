@@ -77,9 +77,14 @@ cdef dict py_REASONS = {
     414: b"URI Too Long", 421: b"Misdirected Request", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
-    403: b"Forbidden",
+    403: b"Forbidden", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
+    301: b"Moved Permanently", 302: b"Found", 303: b"See Other", 304: b"Not Modified",
+    307: b"Temporary Redirect", 308: b"Permanent Redirect", 401: b"Unauthorized",
+    405: b"Method Not Allowed", 409: b"Conflict", 410: b"Gone", 429: b"Too Many Requests",
 }
 cdef bytes py_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+cdef frozenset _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection",
+                                     b"keep-alive", b"x-request-id"})
 cdef bytes py_LAST_CHUNK = LAST_CHUNK
 
 # The response drop set as C slices (lowercase), for _proxy_head; requests use the
@@ -220,6 +225,7 @@ cdef _RuntimeView _view_of(object server):
     v.via = rt.via
     v.via_ok = not _any_bad_value(<const unsigned char*>PyBytes_AS_STRING(v.via),
                                   PyBytes_GET_SIZE(v.via))
+    v.pipeline = rt.pipeline
     v.intercept_match = rt.intercept.match
     v.trusted_contains = rt.trusted.contains
     v.default_cluster = rt.default_cluster
@@ -289,6 +295,21 @@ cdef class Session:
         self.continue_sent = False
         self.held_bytes = 0
         self.last_io = 0.0
+        self.plan = None
+        self.plan_wait = False
+        self.resp_filter = False
+        self._p_target = None
+        self._p_host_hdr = None
+        self._p_authority = None
+        self.ep_timeouts = None
+        self.ep_ids = None
+        self._stash_rh = None
+        return 0
+
+    cdef int _set_cluster(self, object cluster) except -1:
+        self.cluster = cluster
+        self.ep_timeouts = cluster.ep_timeouts
+        self.ep_ids = cluster.ep_ids
         return 0
 
     # ------------------------------------------------------------------ accept phase
@@ -308,6 +329,9 @@ cdef class Session:
     def connection_lost(self, exc):
         cdef int prev = self.state
         self.state = ST_CLOSED
+        if self.plan is not None and self.plan.task is not None and self.plan_wait:
+            self.plan_wait = False
+            self.plan.task.cancel()
         self.server.sessions.discard(self)
         if prev == ST_CONNECTING or prev == ST_PROXYING or prev == ST_TUNNEL:
             # Client went away mid-exchange: abort the upstream request, never pool it.
@@ -389,6 +413,8 @@ cdef class Session:
         while self.state != ST_CLOSED:
             if self.req_complete and self.state != ST_IDLE:
                 return 0  # a full request is in flight; the rest waits in the parser
+            if self.plan_wait:
+                return 0  # async request hooks are running; body bytes wait in the parser
             try:
                 ev = parser._next()
             except ProtocolError as exc:
@@ -461,19 +487,75 @@ cdef class Session:
             self._memo_match = rt.intercept_match(host)
             self._memo_host = host
         self.domain = self._memo_domain
-        if not self._memo_match:
+        pipeline = rt.pipeline
+        if not self._memo_match and (pipeline is None or not pipeline.before_intercept):
             self._respond_local(rt.reject_status, rt.reject_body, _has_body(head))
             return 0
 
         self.keep_alive = head.keep_alive and not self.close_after
-        self.cluster = rt.default_cluster
+        self._set_cluster(rt.default_cluster)
+        if pipeline is not None:
+            # routing rules and filters (phases 3-6): the pipeline decides, maybe later
+            plan = pipeline.start(self, head, host, target, self._memo_match, self.peer_ip,
+                                  self.rid)
+            if plan is not None:
+                self.plan = plan
+                self._p_target = target
+                self._p_host_hdr = host_hdr
+                self._p_authority = authority
+                if plan.task is not None:
+                    self.plan_wait = True
+                    self.state = ST_CONNECTING
+                    self._pause_reading()
+                    plan.task.add_done_callback(self._plan_done)
+                    return 0
+                return self._plan_continue()
 
         # upstream request head (phase 6): downstream headers minus hop-by-hop, plus ours
-        self.up_head = self._upstream_head(head, target, host_hdr, authority)
+        self.up_head = self._upstream_head(head, target, host_hdr, authority, None)
+        return self._choose_and_connect()
+
+    def _plan_done(self, task):
+        """The async request phase ended (callback of plan.task)."""
+        if self.plan is None or self.plan.task is not task or not self.plan_wait:
+            return  # the client left, or a timeout answered already
+        self.plan_wait = False
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("request phase failed: %r", exc)
+            self.state = ST_IDLE
+            self._respond_local(500, b"internal error\n", True)
+            return
+        self._resume_reading()
+        self._plan_continue()
+        if self.state != ST_CLOSED:
+            self._process()  # body bytes that arrived meanwhile
+
+    cdef int _plan_continue(self) except -1:
+        """The request phase is done: answer, or build the upstream head and connect."""
+        plan = self.plan
+        resp = plan.response
+        if resp is not None:
+            self.state = ST_IDLE
+            return self._respond_response(resp)
+        if plan.cluster is not None:
+            self._set_cluster(plan.cluster)
+        target = plan.target if plan.target is not None else self._p_target
+        self.up_head = self._upstream_head(self.head, target, self._p_host_hdr,
+                                           self._p_authority, plan.headers)
+        self.resp_filter = plan.body_hooks
+        mirror = plan.mirror
+        if mirror is not None:
+            mirror.send_head(self.up_head, self.peer_ip)
+            if not _has_body(self.head):
+                mirror.end()
+        self.state = ST_IDLE
         return self._choose_and_connect()
 
     cdef bytes _upstream_head(self, RequestHead head, bytes target, object host_hdr,
-                              object authority):
+                              object authority, list override):
         """session.py's forwarding_headers + extra + proxy_request_head, without Python
         objects in the common case."""
         cdef _RuntimeView rt = self.rt
@@ -489,7 +571,7 @@ cdef class Session:
         cdef bytes via = rt.via
         cdef str peer_ip = self.peer_ip
         cdef tuple item
-        cdef list headers = head.headers
+        cdef list headers = override if override is not None else head.headers
         trusted = self._memo_trusted   # rt.trusted.contains(peer_ip), memoised in _on_head
         fast = (authority is None and not trusted and rt.via_ok and rt.rid_name_ok
                 and PyUnicode_IS_ASCII(peer_ip))
@@ -595,7 +677,7 @@ cdef class Session:
         cluster.selector.acquire(i)
         self.ep_held = True
         # the endpoint's timeout bounds the whole upstream exchange, within the request timeout
-        ep_timeout = <double>self.rt.ep_timeouts[i]   # cluster.endpoints[i].timeout_seconds
+        ep_timeout = <double>self.ep_timeouts[i]   # cluster.endpoints[i].timeout_seconds
         a = self.t0 + self.rt.request_timeout
         b = _now() + ep_timeout
         self.deadline = b if b < a else a
@@ -653,6 +735,17 @@ cdef class Session:
     cdef int _on_body(self, bytes chunk) except -1:
         if self.state == ST_IDLE:
             return 0  # body of a request we already answered locally (and will close)
+        plan = self.plan
+        if plan is not None:
+            if plan.req_body_hooks:
+                try:
+                    chunk = plan.request_body(chunk, False)
+                except Exception as exc:
+                    return self._plan_body_error(exc)
+                if not chunk:
+                    return 0
+            if plan.mirror is not None:
+                plan.mirror.body(chunk)
         if self.up_chunked:
             chunk = _encode_chunk(chunk)
         if self.state == ST_PROXYING:
@@ -672,10 +765,21 @@ cdef class Session:
         if self.state == ST_IDLE:
             return 0  # the end of a request we already answered locally
         self.req_complete = True
+        plan = self.plan
+        if plan is not None:
+            if plan.req_body_hooks:
+                try:
+                    tail = plan.request_body(py_EMPTY, True)
+                except Exception as exc:
+                    return self._plan_body_error(exc)
+                if tail:
+                    self._send_raw(_encode_chunk(tail) if self.up_chunked else tail)
+            if plan.mirror is not None:
+                plan.mirror.end()
         if self.state == ST_PROXYING and self.body_sent:
             # a request body is all sent: the endpoint's timeout for the response head starts
             # now (a long upload is limited by write_timeout progress instead)
-            self.deadline = _now() + <double>self.rt.ep_timeouts[self.ep]
+            self.deadline = _now() + <double>self.ep_timeouts[self.ep]
         if self.up_chunked:
             trailers = self.parser.trailers
             if trailers:
@@ -695,6 +799,28 @@ cdef class Session:
                 self.pending = []
             self.pending.append(data)
         return 0
+
+    def _plan_body_error(self, exc):
+        """A request body hook refused the body (HTTPError) or failed with strategy fail:
+        nothing more goes upstream; answer if no response started, else abort."""
+        status = getattr(exc, "status", 500)
+        if not isinstance(status, int) or not 400 <= status <= 599:
+            status = 500
+        up = self.upstream
+        if up is not None:
+            up.owner = None
+            up.close()
+            self.upstream = None
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        self._release_ep()
+        if self.resp_started:
+            self._abort("request body refused by a filter")
+            return 0
+        self.state = ST_IDLE
+        msg = getattr(exc, "message", "") or "request body refused"
+        return self._respond_local(status, (msg + "\n").encode(), True)
 
     # ------------------------------------------------------------------ upstream events
     cdef int _emit(self, object piece) except -1:
@@ -742,17 +868,31 @@ cdef class Session:
                 if ev == EV_DATA:
                     chunk = parser._data
                     parser._data = py_EMPTY
+                    if self.resp_filter and self.resp_mode != R_NONE:
+                        chunk = self.plan.response_body(chunk, False)
+                        if not chunk:
+                            continue
                     if self.resp_mode == R_CHUNKED:
                         self._emit(_encode_chunk(chunk))
                     elif self.resp_mode != R_NONE:
                         self._emit(chunk)
                 elif ev == EV_HEAD:
-                    if self._on_response_head(<ResponseHead>parser.head, parser):
+                    r = self._on_response_head(<ResponseHead>parser.head, parser)
+                    if r == 1:
                         continue
+                    if r == 2:
+                        # replaced by a filter, or waiting for async response hooks
+                        self._flush()
+                        return 0
                 elif ev == EV_END:
                     if self.resp_status and self.resp_status < 200:
                         self.resp_status = 0  # interim response done; the final one follows
                         continue
+                    if self.resp_filter and self.resp_mode != R_NONE:
+                        tail = self.plan.response_body(py_EMPTY, True)
+                        if tail:
+                            self._emit(_encode_chunk(tail) if self.resp_mode == R_CHUNKED
+                                       else tail)
                     if self.resp_mode == R_CHUNKED:
                         self._emit(py_LAST_CHUNK)
                     finished = True
@@ -778,19 +918,25 @@ cdef class Session:
             self._upstream_failed(UpstreamError(f"invalid upstream response: {exc}"),
                                   False, True)
             return 0
+        except Exception as exc:
+            if self.plan is None:
+                raise
+            # a response filter failed with error strategy "fail"
+            log.error("response filter failed: %r", exc)
+            self._out1 = None
+            self._outl = None
+            self._upstream_failed(UpstreamError("response filter failed"), False, True)
+            return 0
         self._flush()
         if finished:
             self._finish_exchange(conn, (<ResponseHead>parser.head).keep_alive)
         return 0
 
-    cdef bint _on_response_head(self, ResponseHead rh, ResponseParser parser) except -1:
-        """Handle a response head; return True for an interim (1xx) one."""
+    cdef int _on_response_head(self, ResponseHead rh, ResponseParser parser) except -1:
+        """Handle a response head: 1 for an interim (1xx) one, 2 when the response was
+        replaced by a filter or waits for async response hooks, else 0."""
         cdef int status = rh.status
         cdef RequestHead head = self.head
-        cdef Field f[3]
-        cdef Py_ssize_t nf = 0, tail_n = 0
-        cdef char cl_digits[24]
-        cdef const char* tail = NULL
         self.resp_status = status
         # the body streams as long as it makes progress: read_timeout between upstream reads
         self.deadline = _now() + <double>(<Pool>self.cluster.pools[self.ep]).spec.read_timeout_seconds
@@ -799,7 +945,73 @@ cdef class Session:
             if head.version == 11 and status != 100:
                 self._emit(_proxy_head(False, status, rh.reason, None, None, rh.headers,
                                        False, DROP_RESPONSE, 1, NULL, 0, NULL, 0))
-            return True
+            return 1
+        plan = self.plan
+        if plan is not None and plan.resp_hooks and status != 101:
+            r = plan.response_head(status, rh.reason, rh.headers)
+            if r is None:
+                pass
+            elif type(r) is tuple:
+                return self._emit_response_head(rh, parser, r[0], r[1], r[2])
+            elif isinstance(r, asyncio.Future):
+                self._stash_rh = rh
+                self.upstream.pause_reading()
+                r.add_done_callback(self._resp_plan_done)
+                return 2
+            else:
+                return self._replace_response(r)
+        return self._emit_response_head(rh, parser, status, rh.reason, rh.headers)
+
+    def _resp_plan_done(self, fut):
+        """Async response hooks finished: send the (possibly edited) head, go on."""
+        rh = self._stash_rh
+        conn = self.upstream
+        if rh is None or conn is None or self.state != ST_PROXYING or fut.cancelled():
+            return  # the client or the upstream went away meanwhile
+        self._stash_rh = None
+        exc = fut.exception()
+        r = None
+        if exc is not None:
+            log.error("response phase failed: %r", exc)
+        else:
+            r = fut.result()
+        self._out1 = None
+        self._outl = None
+        if r is not None and type(r) is not tuple:
+            self._replace_response(r)
+            return
+        if r is None:
+            self._emit_response_head(<ResponseHead>rh, conn.parser, rh.status, rh.reason,
+                                     rh.headers)
+        else:
+            self._emit_response_head(<ResponseHead>rh, conn.parser, r[0], r[1], r[2])
+        self._flush()
+        if not self.write_paused:
+            conn.resume_reading()
+        self._upstream_data(conn, py_EMPTY)  # what the parser already holds
+
+    cdef int _replace_response(self, object resp) except -1:
+        """A filter replaced the upstream's response: drop the upstream connection (its body
+        is unread) and answer with ``resp``."""
+        self._flush()
+        up = self.upstream
+        if up is not None:
+            up.owner = None
+            up.close()
+            self.upstream = None
+        self._release_ep()
+        self.state = ST_IDLE
+        self._respond_response(resp)
+        return 2
+
+    cdef int _emit_response_head(self, ResponseHead rh, ResponseParser parser, int status,
+                                 bytes reason, list headers) except -1:
+        cdef RequestHead head = self.head
+        cdef Field f[3]
+        cdef Py_ssize_t nf = 0, tail_n = 0
+        cdef char cl_digits[24]
+        cdef const char* tail = NULL
+        self.resp_status = status
         if status == 101:
             self.resp_mode = R_NONE
             _field(&f[nf], b"Connection", 10, b"upgrade", 7)
@@ -810,7 +1022,7 @@ cdef class Session:
                 _field(&f[nf], b"Content-Length", 14, cl_digits,
                        _fmt_int(rh.content_length, cl_digits))
                 nf += 1
-        elif rh.content_length >= 0 and not rh.chunked:
+        elif rh.content_length >= 0 and not rh.chunked and not self.resp_filter:
             self.resp_mode = R_LENGTH
             _field(&f[nf], b"Content-Length", 14, cl_digits,
                    _fmt_int(rh.content_length, cl_digits))
@@ -844,13 +1056,13 @@ cdef class Session:
             tail_n = parser._body_available()
             if tail_n:
                 tail = <const char*>parser._buf + parser._start
-        piece = _proxy_head(False, status, rh.reason, None, None, rh.headers, status == 101,
+        piece = _proxy_head(False, status, reason, None, None, headers, status == 101,
                             DROP_RESPONSE, 1, f, nf, tail, tail_n)
         if tail_n:
             parser._consume_body(tail_n)
         self._emit(piece)
         self.resp_started = True
-        return False
+        return 0
 
     def upstream_lost(self, UpstreamConnection conn, exc):
         """The upstream connection closed while serving us."""
@@ -970,6 +1182,12 @@ cdef class Session:
                     return
                 self._upstream_failed(UpstreamError(what, status_hint=504), False, False)
                 return
+        if st == ST_CONNECTING and self.plan_wait:
+            self.plan_wait = False
+            self.plan.task.cancel()
+            self.state = ST_IDLE
+            self._respond_local(504, b"request phase timed out\n", True)
+            return
         if st == ST_CONNECTING or st == ST_PROXYING:
             if self.connect_task is not None:
                 self.connect_task.cancel()
@@ -1004,18 +1222,34 @@ cdef class Session:
     # ------------------------------------------------------------------ responses & finish
     cdef int _respond_local(self, int status, bytes body, bint close) except -1:
         """Answer the current request ourselves (interception miss, 5xx, 4xx)."""
+        return self._respond_with(status, py_REASONS.get(status, b"Error"),
+                                  [(b"Content-Type", b"text/plain; charset=utf-8")], body, close)
+
+    cdef int _respond_response(self, object resp) except -1:
+        """Answer with a Response made by a route or a filter (phase 4 or 8)."""
+        headers = [(k, v) for k, v in resp.headers.raw
+                   if k.lower() not in _FRAMING]
+        if resp.body and not any([k.lower() == b"content-type" for k, _ in headers]):
+            headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
+        return self._respond_with(resp.status, py_REASONS.get(resp.status, b"OK"), headers,
+                                  resp.body, not (self.req_complete or not _has_body(self.head)))
+
+    cdef int _respond_with(self, int status, bytes reason, list app_headers, bytes body,
+                           bint close) except -1:
         cdef RequestHead head = self.head
         if close or head is None or not head.keep_alive or self.close_after:
             close = True
-        headers = [(b"Content-Type", b"text/plain; charset=utf-8"),
-                   (b"Content-Length", str(len(body)).encode())]
+        if status == 204 or status == 304:
+            headers = app_headers
+            body = py_EMPTY
+        else:
+            headers = app_headers + [(b"Content-Length", str(len(body)).encode())]
         if self.rid:
             headers.append((b"X-Request-Id", self.rid))
         if close:
             headers.append((b"Connection", b"close"))
         elif head is not None and head.version == 10:
             headers.append((b"Connection", b"keep-alive"))
-        reason = py_REASONS.get(status, b"Error")
         data = write_response_head(status, reason, headers)
         if head is None or head.method != py_HEAD:
             data += body
@@ -1040,7 +1274,7 @@ cdef class Session:
         cdef int status = self.resp_status
         cdef bint keep
         self._release_ep()
-        self.rt.observe_upstream(self.rt.ep_ids[ep], "ok", _now() - self.t0)
+        self.rt.observe_upstream(self.ep_ids[ep], "ok", _now() - self.t0)
         conn.owner = None
         self.upstream = None
         conn.parser.head = None  # back to the freelist now, not at the next response
@@ -1120,6 +1354,9 @@ cdef class Session:
         method = _method_str(head.method) if head is not None else "-"
         v = self.rt if self.rt is not None else _view_of(self.server)
         v.observe_request(self.domain or "-", method, status, _now() - self.t0)
+        plan = self.plan
+        if plan is not None and plan.log_hooks:
+            plan.log(status, None if status < 500 and status != 499 else str(status))
         return 0
 
 

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import ipaddress
 
+import msgspec
+
 from dispa.config import model as m
 from dispa.config.load import (
     endpoint_id, parse_host_port, parse_upstream_url, split_domains, _Context,
 )
 from dispa.config.snapshot import (
     ClusterSpec, EndpointSpec, HealthCheckSpec, Http1Limits, InterceptSpec, ListenerSpec,
-    PoolSpec, ProxySpec, Snapshot, StaticSpec, make_snapshot,
+    PipelineSpec, PluginSpec, PoolSpec, ProxySpec, Snapshot, StaticSpec, make_snapshot,
 )
 from dispa.errors import ConfigError
 
@@ -42,13 +44,61 @@ def compile_config(config: m.Config, *,
     Returns ``(static, snapshot)``. Raises :class:`ConfigError` only if ``config`` did not
     pass validation (domain or address checks fail again here).
     """
+    clusters = [compile_cluster(config.cluster)]
+    clusters += [compile_cluster(g, name=g.name) for g in config.target_groups]
+    routing = getattr(config, "routing", None)
+    # A rule may name one [[targets.targets]] endpoint (the original Dispa meaning of a
+    # rule's target): it becomes a one-endpoint cluster of that name, sharing the
+    # endpoint's pool. A target group of the same name wins.
+    known = {c.name for c in clusters}
+    by_name = {e.name: e for e in config.cluster.endpoints}
+    for name in routing_targets(routing):
+        if name not in known and name in by_name:
+            clusters.append(compile_cluster(config.cluster, name=name, only=by_name[name]))
+            known.add(name)
     snapshot = make_snapshot(
         proxy=compile_proxy(config.server),
         intercept=compile_intercept(config.domains),
-        clusters=(compile_cluster(config.cluster),),
+        clusters=tuple(clusters),
         default_cluster=DEFAULT_CLUSTER,
+        pipeline=compile_pipeline(config),
     )
     return compile_static(config, workers_override), snapshot
+
+
+def routing_targets(routing) -> list[str]:
+    """Every target name the routing rules refer to (rule, split, mirror, default)."""
+    if routing is None:
+        return []
+    data = msgspec.to_builtins(routing)
+    names = [data.get("default_target") or ""]
+    for rule in data.get("rules") or []:
+        names.append(rule.get("target") or "")
+        actions = rule.get("actions") or {}
+        names += [s.get("target") or "" for s in actions.get("split") or []]
+        names.append((actions.get("mirror") or {}).get("target") or "")
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def compile_pipeline(config: m.Config) -> PipelineSpec:
+    """Filters and routing rules; empty when neither is configured (the fast path)."""
+    plugins_cfg = config.plugins
+    plugins = ()
+    if plugins_cfg.enabled:
+        plugins = tuple(
+            PluginSpec(name=p.name, type=p.type, stage=p.stage, error_strategy=p.error_strategy,
+                       is_global=p.global_, timeout_seconds=float(p.timeout),
+                       config=p.config)
+            for p in plugins_cfg.plugins if p.enabled)
+    routing = getattr(config, "routing", None)
+    has_rules = routing is not None and (
+        any(r.enabled for r in routing.rules) or routing.default_target)
+    return PipelineSpec(
+        plugins=plugins,
+        apply_before_domain_match=plugins_cfg.apply_before_domain_match,
+        routing=msgspec.to_builtins(routing) if has_rules else None,
+        routing_log=bool(routing is not None and routing.enable_logging),
+    )
 
 
 def compile_static(config: m.Config, workers_override: int | None = None) -> StaticSpec:
@@ -114,10 +164,12 @@ def compile_intercept(domains: m.DomainsConfig) -> InterceptSpec:
     )
 
 
-def compile_cluster(cluster: m.ClusterConfig) -> ClusterSpec:
-    """The ``default`` cluster from ``[targets]``."""
+def compile_cluster(cluster: m.ClusterConfig, *, name: str = DEFAULT_CLUSTER,
+                    only: m.EndpointConfig | None = None) -> ClusterSpec:
+    """A cluster: ``default`` from ``[targets]``, or a ``[[target_groups]]`` entry; with
+    ``only``, the one-endpoint cluster of a rule that names a ``[targets]`` endpoint."""
     endpoints = []
-    for entry in cluster.endpoints:
+    for entry in (cluster.endpoints if only is None else [only]):
         host, port = _address(parse_upstream_url(entry.url))
         endpoints.append(EndpointSpec(
             id=endpoint_id(host, port), name=entry.name, host=host, port=port,
@@ -127,7 +179,7 @@ def compile_cluster(cluster: m.ClusterConfig) -> ClusterSpec:
     pool = cluster.pool
     lb = cluster.load_balancing
     return ClusterSpec(
-        name=DEFAULT_CLUSTER,
+        name=name,
         endpoints=tuple(endpoints),
         lb=type(lb).__struct_config__.tag,
         sticky_sessions=lb.sticky_sessions,

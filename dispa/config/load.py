@@ -548,6 +548,12 @@ class _Context:
         if members is not None:
             return self._build_tagged(value, members, path, depth)
         origin = typing.get_origin(base)
+        if base is dict or origin is dict:
+            # free-form tables (a plugin's `config`): checked later against their own schema
+            if not isinstance(value, dict):
+                self.issue(f"expected a table, got {_describe(value)}", path)
+                return None
+            return value
         if origin in (list, tuple):
             item_tp = typing.get_args(base)[0]
             if not isinstance(value, list):
@@ -820,6 +826,34 @@ def _check(ctx: _Context) -> None:
         split_domains(domains.exclude_domains, ("domains", "exclude_domains"),
                       domains.wildcard_support, ctx)
     _check_cluster(ctx)
+    groups = ctx.raw_at(("target_groups",))
+    seen: dict[str, int] = {}
+    for n in range(len(groups) if isinstance(groups, list) else 0):
+        group = ctx.built.get(("target_groups", n))
+        if group is None:
+            continue
+        if group.name == "default":
+            ctx.issue("the name 'default' is the [targets] cluster; choose another",
+                      ("target_groups", n, "name"))
+        elif group.name in seen:
+            ctx.issue(f"duplicate target group {group.name!r} (also target_groups"
+                      f"[{seen[group.name]}])", ("target_groups", n, "name"))
+        else:
+            seen[group.name] = n
+        _check_cluster(ctx, ("target_groups", n))
+    plugins = ctx.built.get(("plugins",))
+    if plugins is not None:
+        from dispa.plugins.registry import check_plugins
+        check_plugins(plugins, ctx.issue)
+    routing = ctx.built.get(("routing",))
+    if routing is not None:
+        from dispa.config.routing_model import check_routing
+        targets = {"default"} | set(seen)
+        cluster = ctx.built.get(("targets",))
+        if cluster is not None:
+            targets |= {e.name for e in cluster.endpoints}
+        names = {p.name for p in plugins.plugins if p.enabled} if plugins is not None else set()
+        check_routing(routing, targets=targets, plugins=names, issue=ctx.issue)
     monitoring = ctx.built.get(("monitoring",))
     if monitoring is not None:
         _check_monitoring(monitoring, server, ctx)
@@ -832,13 +866,13 @@ def _check_server(server: m.ServerConfig, ctx: _Context) -> None:
                   f"({server.max_head_bytes})", where + ("max_line_bytes",))
 
 
-def _check_cluster(ctx: _Context) -> None:
-    where = ("targets",)
+def _check_cluster(ctx: _Context, where: Path = ("targets",)) -> None:
     top = ctx.raw_at(where)
     raw = ctx.raw_at(where + ("targets",))
     if isinstance(ctx.raw, dict) and (top is None or isinstance(top, dict)) and (
             raw is None or raw == []):
-        ctx.issue("at least one upstream is required: add a [[targets.targets]] table "
+        table = format_path(where)
+        ctx.issue(f"at least one upstream is required: add a [[{table}.targets]] table "
                   "with name and url", where + ("targets",))
     names: dict[str, int] = {}
     ids: dict[str, int] = {}
@@ -848,7 +882,7 @@ def _check_cluster(ctx: _Context) -> None:
         if endpoint is None:
             continue
         if endpoint.name in names:
-            ctx.issue(f"duplicate name {endpoint.name!r} (also targets.targets"
+            ctx.issue(f"duplicate name {endpoint.name!r} (also {format_path(where)}.targets"
                       f"[{names[endpoint.name]}])", path + ("name",))
         else:
             names[endpoint.name] = n
@@ -857,8 +891,8 @@ def _check_cluster(ctx: _Context) -> None:
             continue  # reported by FIELD_CHECKS
         eid = endpoint_id(*address)
         if eid in ids:
-            ctx.issue(f"duplicate endpoint {eid} (also targets.targets[{ids[eid]}])",
-                      path + ("url",))
+            ctx.issue(f"duplicate endpoint {eid} (also {format_path(where)}.targets"
+                      f"[{ids[eid]}])", path + ("url",))
         else:
             ids[eid] = n
     health = ctx.built.get(where + ("health_check",))

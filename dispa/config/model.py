@@ -142,13 +142,45 @@ class PoolConfig(_Table):
 
 
 class ClusterConfig(_Table):
-    """``[targets]``: the upstream cluster (one, named "default", for now)."""
+    """``[targets]``: the default upstream cluster, named "default"."""
 
     endpoints: list[EndpointConfig] = msgspec.field(default_factory=list, name="targets")
     load_balancing: LoadBalancingChoice = RoundRobin()
     health_check: HealthCheckConfig = HealthCheckConfig()
     pool: PoolConfig = PoolConfig()
     max_retries: Annotated[int, Meta(ge=0, le=10)] = 1
+
+
+class TargetGroupConfig(ClusterConfig, kw_only=True):
+    """One ``[[target_groups]]`` entry: a named cluster that routing rules can send to.
+    Same keys as ``[targets]``, plus ``name``."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+# ---------------------------------------------------------------- [plugins]
+
+class PluginConfig(_Table):
+    """One ``[[plugins.plugins]]`` entry: a named filter instance."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
+    type: Annotated[str, Meta(min_length=1)]  # the filter's registry key
+    enabled: bool = True
+    stage: Literal["request", "response", "both"] = "both"
+    error_strategy: Literal["continue", "fail"] = "continue"
+    # New keys. global: part of the chain every request walks (else only for routes that
+    # name it); timeout bounds each async hook call.
+    global_: bool = msgspec.field(default=True, name="global")
+    timeout: Seconds = 5.0
+    config: dict = msgspec.field(default_factory=dict)
+
+
+class PluginsConfig(_Table):
+    """``[plugins]``: the filter instances and the global chain."""
+
+    enabled: bool = True
+    apply_before_domain_match: bool = True
+    plugins: list[PluginConfig] = msgspec.field(default_factory=list)
 
 
 # ---------------------------------------------------------------- [logging]
@@ -200,5 +232,7 @@ class Config(_Table):
     server: ServerConfig = ServerConfig()
     domains: DomainsConfig = DomainsConfig()
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig, name="targets")
+    target_groups: list[TargetGroupConfig] = msgspec.field(default_factory=list)
+    plugins: PluginsConfig = PluginsConfig()
     logging: LoggingConfig = LoggingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()

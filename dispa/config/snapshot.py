@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 
+from typing import Any
+
 import msgspec
 
 
@@ -133,6 +135,27 @@ class StaticSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_timeout_seconds: float = 30.0
 
 
+class PluginSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A filter instance: built by each worker with its registered class (by ``type``)."""
+
+    name: str
+    type: str
+    stage: str = "both"  # request | response | both: which hooks of the filter run
+    error_strategy: str = "continue"  # continue | fail
+    is_global: bool = True  # in the chain of every request (else only routes that name it)
+    timeout_seconds: float = 5.0  # bound on each async hook call
+    config: dict = msgspec.field(default_factory=dict)  # checked against the filter's Config
+
+
+class PipelineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Routing rules and filters. Empty (the default) keeps every request on the fast path."""
+
+    plugins: tuple[PluginSpec, ...] = ()  # enabled instances, in declared order
+    apply_before_domain_match: bool = True  # global request hooks run before interception
+    routing: Any = None  # config.routing_model.RoutingConfig, or None without rules
+    routing_log: bool = False  # log each routing decision ([routing] enable_logging)
+
+
 class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything a worker needs to serve traffic, compiled and frozen."""
 
@@ -141,22 +164,26 @@ class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     intercept: InterceptSpec
     clusters: tuple[ClusterSpec, ...]
     default_cluster: str
+    pipeline: PipelineSpec = PipelineSpec()
 
 
 _encoder = msgspec.msgpack.Encoder()
 
 
 def content_version(proxy: ProxySpec, intercept: InterceptSpec,
-                    clusters: tuple[ClusterSpec, ...], default_cluster: str) -> str:
+                    clusters: tuple[ClusterSpec, ...], default_cluster: str,
+                    pipeline: PipelineSpec = PipelineSpec()) -> str:
     """The version a snapshot with this content gets: 16 hex digits of a SHA-256."""
-    blob = _encoder.encode((proxy, intercept, clusters, default_cluster))
+    blob = _encoder.encode((proxy, intercept, clusters, default_cluster, pipeline))
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def make_snapshot(proxy: ProxySpec, intercept: InterceptSpec,
-                  clusters: tuple[ClusterSpec, ...], default_cluster: str) -> Snapshot:
+                  clusters: tuple[ClusterSpec, ...], default_cluster: str,
+                  pipeline: PipelineSpec = PipelineSpec()) -> Snapshot:
     """Build a Snapshot with its content version filled in."""
     return Snapshot(
-        version=content_version(proxy, intercept, clusters, default_cluster),
+        version=content_version(proxy, intercept, clusters, default_cluster, pipeline),
         proxy=proxy, intercept=intercept, clusters=clusters, default_cluster=default_cluster,
+        pipeline=pipeline,
     )

@@ -45,6 +45,11 @@ __all__ = [
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
+#: Buckets (milliseconds) of the ``*_ms`` histograms (plugin and command durations).
+MS_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0,
+    1000.0, 2500.0, 5000.0)
+
 #: Methods counted under their own name; anything else becomes ``"OTHER"``.
 KNOWN_METHODS = frozenset(
     ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"))
@@ -77,9 +82,20 @@ METRIC_HELP: dict[str, tuple[str, str]] = {
     "dispa_target_health": ("gauge", "1 if the target endpoint is healthy, else 0."),
     "dispa_workers": ("gauge", "Live worker processes."),
     "dispa_config_reloads_total": ("counter", "Configuration reloads, by result."),
+    "dispa_plugin_invocations_total": ("counter", "Filter hook calls, by plugin and stage."),
+    "dispa_plugin_short_circuits_total": (
+        "counter", "Responses made by a filter (answer or replace), by plugin and stage."),
+    "dispa_plugin_errors_total": ("counter", "Filter hook failures, by plugin, stage, kind."),
+    "dispa_plugin_duration_ms": (
+        "histogram", "Filter hook duration in ms, by plugin and stage (sync hooks sampled "
+                     "1 in 16)."),
+    "dispa_routing_matches_total": ("counter", "Requests matched by a routing rule, by rule."),
+    "dispa_mirror_requests_total": ("counter", "Mirrored requests, by target and outcome."),
 }
 
 Labels = tuple[tuple[str, str], ...]
+
+_MS_BK1 = (-math.inf,) + MS_BUCKETS  # bisect result == slot index in an ms series
 
 
 def _instance_id() -> str:
@@ -104,7 +120,8 @@ class WorkerMetrics:
     """
 
     __slots__ = ("_buckets", "_nb", "_bk3", "_bk1", "_requests", "_domain_set", "_upstream",
-                 "_counters", "_gauges", "_instance", "_seq", "max_domains", "max_series")
+                 "_counters", "_gauges", "_instance", "_seq", "max_domains", "max_series",
+                 "_ms", "_collectors")
 
     def __init__(self, buckets: Sequence[float] = DEFAULT_BUCKETS, *,
                  max_domains: int = 1000, max_series: int = 20000):
@@ -131,6 +148,9 @@ class WorkerMetrics:
         self._upstream: dict[tuple[str, str], list] = {}
         self._counters: dict[tuple[str, Labels], float] = {}
         self._gauges: dict[tuple[str, Labels], float] = {}
+        # (name, labels) -> [sum, counts per MS_BUCKETS..., count above the last bound]
+        self._ms: dict[tuple[str, Labels], list] = {}
+        self._collectors: list = []
         self._instance = _instance_id()
         self._seq = 0
         self.max_domains = max_domains
@@ -168,6 +188,27 @@ class WorkerMetrics:
         k = (name, labels)
         c = self._counters
         c[k] = c.get(k, 0) + value
+
+    def observe_ms(self, name: str, labels: Labels, ms: float) -> None:
+        """Add one observation (milliseconds) to the histogram ``name{labels}``, bucketed by
+        :data:`MS_BUCKETS` (e.g. ``dispa_plugin_duration_ms``)."""
+        h = self.ms_series(name, labels)
+        h[bisect_left(_MS_BK1, ms)] += 1
+        h[0] += ms
+
+    def ms_series(self, name: str, labels: Labels) -> list:
+        """The live list behind ``name{labels}`` (``[sum, counts...]``): callers on a hot
+        path keep it and update it in place, as :meth:`observe_ms` does."""
+        k = (name, labels)
+        h = self._ms.get(k)
+        if h is None:
+            h = self._ms[k] = [0.0] + [0] * (len(MS_BUCKETS) + 1)
+        return h
+
+    def add_collector(self, fn) -> None:
+        """Call ``fn(counters)`` before each export; it writes cumulative values into the
+        ``{(name, labels): value}`` dict (for counters kept elsewhere, e.g. plugin stats)."""
+        self._collectors.append(fn)
 
     def set_gauge(self, name: str, labels: Labels, value: float) -> None:
         """Set the gauge ``name{labels}`` (e.g. ``dispa_active_connections``). The master
@@ -207,6 +248,8 @@ class WorkerMetrics:
             A dict of str/int/float/list values, encodable by msgspec JSON and msgpack.
         """
         self._seq += 1
+        for fn in self._collectors:
+            fn(self._counters)
         counters: list = []
         histograms: list = []
         per_domain: dict[str, list] = {}
@@ -240,13 +283,16 @@ class WorkerMetrics:
             histograms.append([UPSTREAM_DURATION, [["endpoint", ep]], 0, h[1:], h[0]])
         for (name, labels), v in self._counters.items():
             counters.append([name, [[k, val] for k, val in labels], v])
+        for (name, labels), h in self._ms.items():
+            if sum(h[1:]):
+                histograms.append([name, [[k, val] for k, val in labels], 1, h[1:], h[0]])
         gauges = [[name, [[k, val] for k, val in labels], v]
                   for (name, labels), v in self._gauges.items()]
         return {
             "v": 1,
             "instance": self._instance,
             "seq": self._seq,
-            "bucket_sets": [list(self._buckets)],
+            "bucket_sets": [list(self._buckets), list(MS_BUCKETS)],
             "counters": counters,
             "histograms": histograms,
             "gauges": gauges,

@@ -16,6 +16,9 @@ import time
 from dispa.balancer import build_selector
 from dispa.config.snapshot import ClusterSpec, Snapshot
 from dispa.proxy.forwarding import FORWARDING_HEADERS, TrustedProxies
+from dispa.plugins.chain import StatsRegistry
+from dispa.proxy.mirror import Mirrors
+from dispa.proxy.pipeline import Pipeline
 from dispa.proxy.protocol import Pool
 from dispa.routing.vhost import InterceptTable
 
@@ -28,7 +31,7 @@ class ClusterRuntime:
     """A cluster's endpoints, selector, pools and health, as one worker sees them."""
 
     __slots__ = ("name", "spec", "endpoints", "selector", "pools", "healthy", "down_until",
-                 "_all_up", "sticky")
+                 "_all_up", "sticky", "ep_timeouts", "ep_ids")
 
     def __init__(self, spec: ClusterSpec, state: "WorkerState"):
         self.name = spec.name
@@ -40,6 +43,8 @@ class ClusterRuntime:
         self.down_until = [0.0] * len(spec.endpoints)
         self._all_up = all(self.healthy)
         self.sticky = spec.sticky_sessions
+        self.ep_timeouts = tuple(float(e.timeout_seconds) for e in spec.endpoints)
+        self.ep_ids = tuple(e.id for e in spec.endpoints)
 
     def set_health(self, endpoint_id: str, healthy: bool) -> None:
         for i, e in enumerate(self.endpoints):
@@ -103,24 +108,28 @@ class ClusterRuntime:
 class WorkerState:
     """Everything a worker keeps across snapshots."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None):
         self.loop = loop
-        self.pools: dict[str, Pool] = {}
+        self.metrics = metrics
+        # Pools are keyed by endpoint and pool settings: clusters that share an endpoint
+        # with the same settings share its idle connections.
+        self.pools: dict[tuple, Pool] = {}
         self.health: dict[str, bool] = {}  # "cluster/endpoint_id" -> healthy
+        self.plugin_stats = StatsRegistry(metrics)
+        self.mirrors = Mirrors(metrics)
 
     def pool_for(self, endpoint_id: str, host: str, port: int, spec) -> Pool:
-        pool = self.pools.get(endpoint_id)
-        if pool is None or pool.spec != spec:
-            if pool is not None:
-                pool.close()
+        key = (endpoint_id, spec)
+        pool = self.pools.get(key)
+        if pool is None:
             pool = Pool(self.loop, host, port, spec)
-            self.pools[endpoint_id] = pool
+            self.pools[key] = pool
         return pool
 
     def retire_unused_pools(self, runtime: "Runtime") -> None:
-        used = {e.id for c in runtime.clusters.values() for e in c.endpoints}
-        for eid in [k for k in self.pools if k not in used]:
-            self.pools.pop(eid).close()
+        used = {(e.id, c.spec.pool) for c in runtime.clusters.values() for e in c.endpoints}
+        for key in [k for k in self.pools if k not in used]:
+            self.pools.pop(key).close()
 
 
 class Runtime:
@@ -144,6 +153,9 @@ class Runtime:
             {self.request_id_header} if self.request_id_header else set())
         self.clusters = {c.name: ClusterRuntime(c, state) for c in snapshot.clusters}
         self.default_cluster = self.clusters[snapshot.default_cluster]
+        # routing rules and filters; None keeps every request on the compiled fast path
+        pipeline = Pipeline(snapshot.pipeline, self, state)
+        self.pipeline = None if pipeline.trivial else pipeline
         self.limits = p.limits
         self.parser_kwargs = dict(
             max_head_bytes=p.limits.max_head_bytes,

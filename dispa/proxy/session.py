@@ -73,8 +73,24 @@ _REASONS = {
     414: b"URI Too Long", 421: b"Misdirected Request", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 501: b"Not Implemented", 502: b"Bad Gateway",
     503: b"Service Unavailable", 504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
-    403: b"Forbidden",
+    403: b"Forbidden", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
+    301: b"Moved Permanently", 302: b"Found", 303: b"See Other", 304: b"Not Modified",
+    307: b"Temporary Redirect", 308: b"Permanent Redirect", 401: b"Unauthorized",
+    405: b"Method Not Allowed", 409: b"Conflict", 410: b"Gone", 429: b"Too Many Requests",
 }
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+                      b"x-request-id"})
+
+
+class _Edited:
+    """A request or response head with some fields replaced by the pipeline's edits."""
+
+    def __init__(self, head, **changes):
+        self._head = head
+        self.__dict__.update(changes)
+
+    def __getattr__(self, name):
+        return getattr(self._head, name)
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_PENDING_BYTES = 256 * 1024  # body bytes held while connecting before pausing the client
@@ -124,6 +140,11 @@ class Session(asyncio.Protocol):
         self.continue_sent = False
         self.held_bytes = 0
         self.last_io = 0.0  # last progress of the exchange (see on_deadline)
+        self.plan = None  # routing rules and filters (proxy/pipeline.py); None: fast path
+        self.plan_wait = False  # async request hooks are running: hold the parser
+        self.resp_filter = False  # the plan has response body hooks
+        self._p_args = None  # (target, authority) of the head waiting for the plan
+        self._stash_rh = None  # a response head waiting for async response hooks
 
     # ------------------------------------------------------------------ accept phase
     def connection_made(self, transport):  # type: ignore[override]
@@ -142,6 +163,9 @@ class Session(asyncio.Protocol):
         prev = self.state
         self.state = CLOSED
         self.server.sessions.discard(self)
+        if self.plan is not None and self.plan.task is not None and self.plan_wait:
+            self.plan_wait = False
+            self.plan.task.cancel()
         if prev in (CONNECTING, PROXYING, TUNNEL):
             # Client went away mid-exchange: abort the upstream request, never pool it.
             if self.connect_task is not None:
@@ -219,6 +243,8 @@ class Session(asyncio.Protocol):
         while self.state != CLOSED:
             if self.req_complete and self.state != IDLE:
                 return  # Rule 1: a full request is in flight; the rest waits in the parser
+            if self.plan_wait:
+                return  # async request hooks are running; body bytes wait in the parser
             try:
                 ev = parser.next_event()
             except ProtocolError as exc:
@@ -275,14 +301,76 @@ class Session(asyncio.Protocol):
             if authority is not None:
                 host = authority
         self.domain = server.domain_label(host)
-        if not rt.intercept.match(host):
+        intercepted = rt.intercept.match(host)
+        pipeline = rt.pipeline
+        if not intercepted and (pipeline is None or not pipeline.before_intercept):
             self._respond_local(rt.reject_status, rt.reject_body, close=self._has_body(head))
             return
 
         self.keep_alive = head.keep_alive and not self.close_after
-        cluster = rt.default_cluster
-        self.cluster = cluster
+        self.cluster = rt.default_cluster
+        if pipeline is not None:
+            # routing rules and filters (phases 3-6): the pipeline decides, maybe later
+            plan = pipeline.start(self, head, host, target, intercepted, self.peer_ip, self.rid)
+            if plan is not None:
+                self.plan = plan
+                self._p_args = (target, authority)
+                if plan.task is not None:
+                    self.plan_wait = True
+                    self.state = CONNECTING
+                    self._pause_reading()
+                    plan.task.add_done_callback(self._plan_done)
+                    return
+                self._plan_continue()
+                return
+        self._build_upstream_head(target, authority, None)
+        self._choose_and_connect()
 
+    def _plan_done(self, task) -> None:
+        """The async request phase ended (callback of plan.task)."""
+        if self.plan is None or self.plan.task is not task or not self.plan_wait:
+            return  # the client left, or a timeout answered already
+        self.plan_wait = False
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("request phase failed: %r", exc)
+            self.state = IDLE
+            self._respond_local(500, b"internal error\n", close=True)
+            return
+        self._resume_reading()
+        self._plan_continue()
+        if self.state != CLOSED:
+            self._process()  # body bytes that arrived meanwhile
+
+    def _plan_continue(self) -> None:
+        """The request phase is done: answer, or build the upstream head and connect."""
+        plan = self.plan
+        if plan.response is not None:
+            self.state = IDLE
+            self._respond_response(plan.response)
+            return
+        if plan.cluster is not None:
+            self.cluster = plan.cluster
+        target, authority = self._p_args
+        if plan.target is not None:
+            target = plan.target
+        self._build_upstream_head(target, authority, plan.headers)
+        self.resp_filter = plan.body_hooks
+        if plan.mirror is not None:
+            plan.mirror.send_head(self.up_head, self.peer_ip)
+            if not self._has_body(self.head):
+                plan.mirror.end()
+        self.state = IDLE
+        self._choose_and_connect()
+
+    def _build_upstream_head(self, target: bytes, authority, headers) -> None:
+        rt = self.rt
+        head = self.head
+        rid_name = rt.request_id_header
+        if headers is not None:
+            head = _Edited(head, headers=headers)
         # upstream request head (phase 6): downstream headers minus hop-by-hop, plus ours
         extra = forwarding_headers(head, self.peer_ip, rt.trusted.contains(self.peer_ip), rt.via,
                                    host=authority)
@@ -300,7 +388,6 @@ class Session(asyncio.Protocol):
         if head.upgrade:
             extra.append((b"Connection", b"upgrade"))
         self.up_head = proxy_request_head(head, target, drop, extra)
-        self._choose_and_connect()
 
     @staticmethod
     def _has_body(head) -> bool:
@@ -371,6 +458,18 @@ class Session(asyncio.Protocol):
     def _on_body(self, chunk: bytes) -> None:
         if self.state == IDLE:
             return  # body of a request we already answered locally (and will close)
+        plan = self.plan
+        if plan is not None:
+            if plan.req_body_hooks:
+                try:
+                    chunk = plan.request_body(chunk, False)
+                except Exception as exc:  # noqa: BLE001 - HTTPError or strategy "fail"
+                    self._plan_body_error(exc)
+                    return
+                if not chunk:
+                    return
+            if plan.mirror is not None:
+                plan.mirror.body(chunk)
         if self.up_chunked:
             chunk = encode_chunk(chunk)
         if self.state == PROXYING:
@@ -389,6 +488,18 @@ class Session(asyncio.Protocol):
         if self.state == IDLE:
             return  # the end of a request we already answered locally
         self.req_complete = True
+        plan = self.plan
+        if plan is not None:
+            if plan.req_body_hooks:
+                try:
+                    tail = plan.request_body(b"", True)
+                except Exception as exc:  # noqa: BLE001
+                    self._plan_body_error(exc)
+                    return
+                if tail:
+                    self._send_raw(encode_chunk(tail) if self.up_chunked else tail)
+            if plan.mirror is not None:
+                plan.mirror.end()
         if self.state == PROXYING and self.body_sent:
             # a request body is all sent: the endpoint's timeout for the response head starts
             # now (a long upload is limited by write_timeout progress instead)
@@ -410,6 +521,28 @@ class Session(asyncio.Protocol):
                 self.pending = []
             self.pending.append(data)
 
+    def _plan_body_error(self, exc) -> None:
+        """A request body hook refused the body (HTTPError) or failed with strategy fail:
+        nothing more goes upstream; answer if no response started, else abort."""
+        status = getattr(exc, "status", 500)
+        if not isinstance(status, int) or not 400 <= status <= 599:
+            status = 500
+        up = self.upstream
+        if up is not None:
+            up.owner = None
+            up.close()
+            self.upstream = None
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        self._release_ep()
+        if self.resp_started:
+            self._abort("request body refused by a filter")
+            return
+        self.state = IDLE
+        msg = getattr(exc, "message", "") or "request body refused"
+        self._respond_local(status, (msg + "\n").encode(), close=True)
+
     # ------------------------------------------------------------------ upstream events
     def upstream_data(self, conn, data: bytes) -> None:
         if self.state == TUNNEL:
@@ -427,17 +560,32 @@ class Session(asyncio.Protocol):
                     break
                 if ev == DATA:
                     chunk = parser.take_data()
+                    if self.resp_filter and self.resp_mode != R_NONE:
+                        chunk = self.plan.response_body(chunk, False)
+                        if not chunk:
+                            continue
                     if self.resp_mode == R_CHUNKED:
                         out.append(encode_chunk(chunk))
                     elif self.resp_mode != R_NONE:
                         out.append(chunk)
                 elif ev == HEAD:
-                    if self._on_response_head(parser.head, out):
+                    r = self._on_response_head(parser.head, out)
+                    if r == 1:
                         continue
+                    if r == 2:
+                        # replaced by a filter, or waiting for async response hooks
+                        if out and self.state != CLOSED:
+                            self.transport.write(b"".join(out))
+                        return
                 elif ev == END:
                     if self.resp_status and self.resp_status < 200:
                         self.resp_status = 0  # interim response done; the final one follows
                         continue
+                    if self.resp_filter and self.resp_mode != R_NONE:
+                        tail = self.plan.response_body(b"", True)
+                        if tail:
+                            out.append(encode_chunk(tail) if self.resp_mode == R_CHUNKED
+                                       else tail)
                     if self.resp_mode == R_CHUNKED:
                         out.append(LAST_CHUNK)
                     finished = True
@@ -453,13 +601,22 @@ class Session(asyncio.Protocol):
             self._upstream_failed(UpstreamError(f"invalid upstream response: {exc}"),
                                   connect=False, bad_response=True)
             return
+        except Exception as exc:
+            if self.plan is None:
+                raise
+            # a response filter failed with error strategy "fail"
+            log.error("response filter failed: %r", exc)
+            self._upstream_failed(UpstreamError("response filter failed"),
+                                  connect=False, bad_response=True)
+            return
         if out:
             self.transport.write(b"".join(out) if len(out) > 1 else out[0])
         if finished:
             self._finish_exchange(conn, reusable=parser.head.keep_alive)
 
-    def _on_response_head(self, rh, out: list) -> bool:
-        """Handle a response head; return True for an interim (1xx) one."""
+    def _on_response_head(self, rh, out: list) -> int:
+        """Handle a response head: 1 for an interim (1xx) one, 2 when the response was
+        replaced by a filter or waits for async response hooks, else 0."""
         status = rh.status
         self.resp_status = status
         # the body streams as long as it makes progress: read_timeout between upstream reads
@@ -468,7 +625,71 @@ class Session(asyncio.Protocol):
             # 1xx: forward to HTTP/1.1 clients (103 Early Hints), not to HTTP/1.0 ones.
             if self.head.version == 11 and status != 100:
                 out.append(proxy_response_head(rh, _DROP_RESPONSE, ()))
-            return True
+            return 1
+        plan = self.plan
+        if plan is not None and plan.resp_hooks and status != 101:
+            r = plan.response_head(status, rh.reason, rh.headers)
+            if r is None:
+                pass
+            elif type(r) is tuple:
+                return self._emit_response_head(
+                    _Edited(rh, status=r[0], reason=r[1], headers=r[2]), out)
+            elif isinstance(r, asyncio.Future):
+                if out:
+                    self.transport.write(b"".join(out))
+                    out.clear()
+                self._stash_rh = rh
+                self.upstream.pause_reading()
+                r.add_done_callback(self._resp_plan_done)
+                return 2
+            else:
+                if out:
+                    self.transport.write(b"".join(out))
+                    out.clear()
+                return self._replace_response(r)
+        return self._emit_response_head(rh, out)
+
+    def _resp_plan_done(self, fut) -> None:
+        """Async response hooks finished: send the (possibly edited) head, go on."""
+        rh = self._stash_rh
+        conn = self.upstream
+        if rh is None or conn is None or self.state != PROXYING or fut.cancelled():
+            return  # the client or the upstream went away meanwhile
+        self._stash_rh = None
+        exc = fut.exception()
+        r = None
+        if exc is not None:
+            log.error("response phase failed: %r", exc)
+        else:
+            r = fut.result()
+        if r is not None and type(r) is not tuple:
+            self._replace_response(r)
+            return
+        out: list = []
+        if r is not None:
+            rh = _Edited(rh, status=r[0], reason=r[1], headers=r[2])
+        self._emit_response_head(rh, out)
+        self.transport.write(b"".join(out))
+        if not self.write_paused:
+            conn.resume_reading()
+        self.upstream_data(conn, b"")  # what the parser already holds
+
+    def _replace_response(self, resp) -> int:
+        """A filter replaced the upstream's response: drop the upstream connection (its body
+        is unread) and answer with ``resp``."""
+        up = self.upstream
+        if up is not None:
+            up.owner = None
+            up.close()
+            self.upstream = None
+        self._release_ep()
+        self.state = IDLE
+        self._respond_response(resp)
+        return 2
+
+    def _emit_response_head(self, rh, out: list) -> int:
+        status = rh.status
+        self.resp_status = status
         head = self.head
         extra = []
         if status == 101:
@@ -478,7 +699,7 @@ class Session(asyncio.Protocol):
             self.resp_mode = R_NONE
             if rh.content_length >= 0 and status != 204:
                 extra.append((b"Content-Length", str(rh.content_length).encode()))
-        elif rh.content_length >= 0 and not rh.chunked:
+        elif rh.content_length >= 0 and not rh.chunked and not self.resp_filter:
             self.resp_mode = R_LENGTH
             extra.append((b"Content-Length", str(rh.content_length).encode()))
         elif head.version == 11:
@@ -502,7 +723,7 @@ class Session(asyncio.Protocol):
             extra.append((b"X-Request-Id", self.rid))
         out.append(proxy_response_head(rh, _DROP_RESPONSE, extra))
         self.resp_started = True
-        return False
+        return 0
 
     def upstream_lost(self, conn, exc) -> None:
         """The upstream connection closed while serving us."""
@@ -616,6 +837,12 @@ class Session(asyncio.Protocol):
                     return
                 self._upstream_failed(UpstreamError(what, status_hint=504), connect=False)
                 return
+        if st == CONNECTING and self.plan_wait:
+            self.plan_wait = False
+            self.plan.task.cancel()
+            self.state = IDLE
+            self._respond_local(504, b"request phase timed out\n", close=True)
+            return
         if st in (CONNECTING, PROXYING):
             if self.connect_task is not None:
                 self.connect_task.cancel()
@@ -650,18 +877,33 @@ class Session(asyncio.Protocol):
     # ------------------------------------------------------------------ responses & finish
     def _respond_local(self, status: int, body: bytes, *, close: bool) -> None:
         """Answer the current request ourselves (interception miss, 5xx, 4xx)."""
+        self._respond_with(status, _REASONS.get(status, b"Error"),
+                           [(b"Content-Type", b"text/plain; charset=utf-8")], body, close=close)
+
+    def _respond_response(self, resp) -> None:
+        """Answer with a Response made by a route or a filter (phase 4 or 8)."""
+        headers = [(k, v) for k, v in resp.headers.raw if k.lower() not in _FRAMING]
+        if resp.body and not any(k.lower() == b"content-type" for k, _ in headers):
+            headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
+        self._respond_with(resp.status, _REASONS.get(resp.status, b"OK"), headers, resp.body,
+                           close=not (self.req_complete or not self._has_body(self.head)))
+
+    def _respond_with(self, status: int, reason: bytes, app_headers: list, body: bytes, *,
+                      close: bool) -> None:
         head = self.head
         if close or head is None or not head.keep_alive or self.close_after:
             close = True
-        headers = [(b"Content-Type", b"text/plain; charset=utf-8"),
-                   (b"Content-Length", str(len(body)).encode())]
+        if status in (204, 304):
+            headers = list(app_headers)
+            body = b""
+        else:
+            headers = app_headers + [(b"Content-Length", str(len(body)).encode())]
         if self.rid:
             headers.append((b"X-Request-Id", self.rid))
         if close:
             headers.append((b"Connection", b"close"))
         elif head is not None and head.version == 10:
             headers.append((b"Connection", b"keep-alive"))
-        reason = _REASONS.get(status, b"Error")
         data = write_response_head(status, reason, headers)
         if head is None or head.method != b"HEAD":
             data += body
@@ -758,3 +1000,6 @@ class Session(asyncio.Protocol):
         method = head.method.decode("latin-1") if head is not None else "-"
         self.server.metrics.observe_request(self.domain or "-", method, status,
                                             time.monotonic() - self.t0)
+        plan = self.plan
+        if plan is not None and plan.log_hooks:
+            plan.log(status, None if status < 500 and status != 499 else str(status))

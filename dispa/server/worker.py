@@ -49,10 +49,10 @@ class DataPlane:
         self.worker_id = init.worker_id
         self.channel = channel
         self.static = init.static
-        self.state = WorkerState(loop)
+        self.metrics = WorkerMetrics()
+        self.state = WorkerState(loop, self.metrics)
         self.state.health.update(init.health)
         self.runtime = build_runtime(init.snapshot, self.state)
-        self.metrics = WorkerMetrics()
         self.sessions: set[Session] = set()
         self.draining = False
         self.slowdown_us = init.slowdown_us
@@ -141,7 +141,10 @@ class DataPlane:
             log.error("snapshot %s refused: %s", snapshot.version, exc)
             self.channel.send(m.Nack(version=snapshot.version, error=str(exc)))
             return
-        self.runtime = runtime  # the swap: one reference, between requests
+        old, self.runtime = self.runtime, runtime  # the swap: one reference, between requests
+        if old.pipeline is not None:
+            # requests in flight may still use the old filters: close them later
+            self.loop.call_later(old.proxy.request_timeout_seconds + 1.0, old.pipeline.close)
         log.info("snapshot applied", extra={"fields": {"version": snapshot.version}})
         self.channel.send(m.Ack(version=snapshot.version))
 

@@ -45,7 +45,10 @@ BODY64 = "d" * 63 + "\n"          # 64 bytes
 BODY4K = "k" * 4096                # 4096 bytes (served as two 2048-byte halves)
 
 ALL_SCENARIOS = ["ka64", "ka4k", "conn", "lat2k", "mem"]
-KNOWN_PROXIES = ["dispa", "nginx", "haproxy"]
+KNOWN_PROXIES = ["dispa", "nginx", "haproxy", "dispa-filters"]
+# "dispa-filters": Dispa with FILTER_COUNT no-op sync filters in the global chain; its
+# ratio to "dispa" in the same run is the filter API's cost (issue: >= 0.85 throughput).
+FILTER_COUNT = 10
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -407,7 +410,7 @@ def default_dispa_cmd() -> str:
 
 
 def make_dispa(tmp: str, layout: Layout, workers: int, backend_port: int, dispa_cmd: str | None,
-               env: dict | None = None) -> Server:
+               env: dict | None = None, name: str = "dispa", filters: int = 0) -> Server:
     """Dispa (or a stand-in) in the dispa slot.
 
     ``dispa_cmd`` is a shell-style template with {config} {workers} {port} {backend_port}
@@ -422,18 +425,22 @@ def make_dispa(tmp: str, layout: Layout, workers: int, backend_port: int, dispa_
             s = make_haproxy(tmp, "dispa", layout, workers, backend_port, slowdown_lua=True, env=env)
         s.env = env
         return s
-    prefix = os.path.join(tmp, "dispa")
+    prefix = os.path.join(tmp, name)
     os.makedirs(prefix, exist_ok=True)
     port = free_port()
     conf = os.path.join(prefix, "dispa.toml")
-    Path(conf).write_text(render("dispa.toml", port=port, workers=workers, backend_port=backend_port))
+    text = render("dispa.toml", port=port, workers=workers, backend_port=backend_port)
+    for i in range(filters):
+        text += (f'\n[[plugins.plugins]]\nname = "noop{i}"\n'
+                 'type = "tests.support.filters:Noop"\n')
+    Path(conf).write_text(text)
     tpl = dispa_cmd or default_dispa_cmd()
     cmd = [a.format(config=conf, workers=workers, port=port, backend_port=backend_port, python=sys.executable)
            for a in shlex.split(tpl)]
     e = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     e.update(env or {})
     # cwd = the temp prefix: Dispa writes files relative to its cwd (dispa.log), never into the tree
-    return Server("dispa", cmd, port, layout.cpuset("proxy"), env=e, workdir=prefix)
+    return Server(name, cmd, port, layout.cpuset("proxy"), env=e, workdir=prefix)
 
 
 # --------------------------------------------------------------------------- load tools
@@ -573,6 +580,9 @@ def start_servers(cfg: Config, layout: Layout, tmp: str, workers: int) -> tuple[
             s = make_haproxy(tmp, "haproxy", layout, workers, backend.port)
         elif name == "dispa":
             s = make_dispa(tmp, layout, workers, backend.port, cfg.dispa_cmd, cfg.dispa_env)
+        elif name == "dispa-filters":
+            s = make_dispa(tmp, layout, workers, backend.port, None, cfg.dispa_env,
+                           name="dispa-filters", filters=FILTER_COUNT)
         else:
             raise ValueError(f"unknown proxy {name}")
         log(f"starting {name}: {' '.join(s.cmd)} on :{s.port} cpus {s.cpus}")
@@ -704,8 +714,10 @@ def summarize(doc: dict) -> tuple[dict, dict]:
                for n, scs in series.items()}
     ratios: dict = {}
     for n, scs in series.items():
-        for ref in ("nginx", "haproxy"):
+        for ref in ("nginx", "haproxy", "dispa"):
             if ref == n or ref not in series or n == "direct":
+                continue
+            if ref == "dispa" and n != "dispa-filters":
                 continue
             for sc, ks in scs.items():
                 for k, vals in ks.items():

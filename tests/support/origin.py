@@ -12,6 +12,10 @@ Runs its own event loop in a thread so tests can use blocking clients. Routes:
   /close?n=N             200 with no length: body delimited by closing the connection
   /headers               200, the request headers as JSON
   /stall?ms=N            200, Content-Length 10: 5 bytes, a pause of N ms, 5 more bytes
+  /cacheable?max_age=S&delay=MS&cc=...
+                         200 with Cache-Control (max-age=S, or the raw `cc`), an ETag and
+                         Date, body "version N" (N counts the full responses it sent for
+                         that path); If-None-Match matching the ETag gets a 304
 
 ``requests`` lists (method, target, headers, body) for every complete request it saw, in
 order; ``raw`` holds the raw bytes of each connection.
@@ -33,6 +37,7 @@ class Origin:
         self.host = host
         self.port = port
         self.requests: list[tuple[bytes, bytes, list, bytes]] = []
+        self.served: dict[str, int] = {}  # full responses per path (/cacheable)
         self.raw: list[bytearray] = []
         self.connections = 0
         self._loop = asyncio.new_event_loop()
@@ -145,6 +150,23 @@ class Origin:
             await writer.drain()
             await asyncio.sleep(int(q.get("ms", "1000")) / 1000)
             send(h11.Data(data=b"67890"))
+        elif path == "/cacheable":
+            import email.utils
+            cc = q.get("cc") or f"max-age={q.get('max_age', '60')}"
+            etag = '"v1"'
+            common = hdrs + [("Cache-Control", cc), ("ETag", etag),
+                             ("Date", email.utils.formatdate(usegmt=True))]
+            if q.get("delay"):
+                await asyncio.sleep(int(q["delay"]) / 1000)
+            inm = [v for k, v in req.headers if k.lower() == b"if-none-match"]
+            if inm and etag.encode() in inm[0]:
+                send(h11.Response(status_code=304, headers=common))
+            else:
+                self.served[path] = self.served.get(path, 0) + 1
+                data = f"version {self.served[path]}".encode()
+                send(h11.Response(status_code=200, headers=common + [
+                    ("Content-Length", str(len(data))), ("Content-Type", "text/plain")]))
+                send(h11.Data(data=data))
         elif path == "/sink":
             send(h11.Response(status_code=200, headers=hdrs + [("Content-Length", str(len(body)))]))
             send(h11.Data(data=body))
