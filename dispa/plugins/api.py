@@ -180,6 +180,9 @@ class Headers:
         return f"Headers({list(self.items())!r})"
 
 
+_NO_PARAMS: dict = {}  # shared, never mutated: a route with captures sets its own dict
+
+
 class Request:
     """The request as filters see it: a mutable view of the client's request head.
 
@@ -217,6 +220,32 @@ class Request:
         self._query0 = self.query
         self.content_length = content_length  # -1: none or chunked
         self.chunked = chunked
+
+    @classmethod
+    def _of_head(cls, method: str, target: str, headers: Headers, host: str, client_ip: str,
+                 version: str, request_id: str, content_length: int, chunked: bool
+                 ) -> "Request":
+        """The proxy's constructor (positional, no defaults to resolve): one per request."""
+        self = object.__new__(cls)
+        path, sep, query = target.partition("?")
+        self.method = method
+        self.path = self._path0 = path
+        self.query = self._query0 = query
+        self.headers = headers
+        self.host = host
+        self.client_ip = client_ip
+        self.scheme = "http"
+        self.version = version
+        self.route = None
+        self.cluster = ""
+        self.endpoint = ""
+        self.params = _NO_PARAMS
+        self.ctx = {}
+        self.request_id = request_id
+        self.original_target = target
+        self.content_length = content_length
+        self.chunked = chunked
+        return self
 
     @property
     def target(self) -> str:

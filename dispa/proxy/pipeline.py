@@ -141,16 +141,27 @@ class Pipeline:
 class Plan:
     """What the pipeline decided for one request, and its hooks for the rest of it."""
 
-    __slots__ = ("pipeline", "session", "req", "route", "chain", "cluster", "response",
-                 "task", "target", "headers", "resp_hooks", "body_hooks", "req_body_hooks",
-                 "log_hooks", "mirror", "resp", "intercepted", "status_in", "_host")
+    # No __slots__: most fields keep their class default for most requests, so __init__
+    # sets only five (this object is made once per request).
+    route = None
+    cluster = None
+    response: Response | None = None
+    task = None
+    target: bytes | None = None
+    headers: list | None = None
+    resp_hooks = False
+    body_hooks = False
+    req_body_hooks = False
+    log_hooks = False
+    mirror = None
+    resp: ResponseHead | None = None
+    status_in = 0
 
     def __init__(self, pipeline: Pipeline, session, head, host: bytes, target: bytes,
                  intercepted: bool, client_ip: str, rid: bytes):
         self.pipeline = pipeline
         self.session = session
         self.intercepted = intercepted
-        self._host = host
         names = pipeline.hostnames
         hostname = names.get(host)
         if hostname is None:
@@ -158,25 +169,11 @@ class Plan:
             if len(names) >= 4096:
                 names.clear()
             names[host] = hostname
-        self.req = Request(
-            _method(head.method), target, Headers(head.headers), host=hostname,
-            client_ip=client_ip, version="1.1" if head.version == 11 else "1.0",
-            request_id=rid.decode("latin-1") if rid else "",
-            content_length=head.content_length, chunked=head.chunked)
-        self.route = None
+        self.req = Request._of_head(
+            _method(head.method), target.decode("latin-1"), Headers(head.headers), hostname,
+            client_ip, "1.1" if head.version == 11 else "1.0",
+            rid.decode("latin-1") if rid else "", head.content_length, head.chunked)
         self.chain = pipeline.global_chain
-        self.cluster = None
-        self.response: Response | None = None
-        self.task = None
-        self.target: bytes | None = None
-        self.headers: list | None = None
-        self.resp_hooks = False
-        self.body_hooks = False
-        self.req_body_hooks = False
-        self.log_hooks = False
-        self.mirror = None
-        self.resp: ResponseHead | None = None
-        self.status_in = 0
 
     # The phase is written twice (sync and async) so that a pipeline without async hooks
     # never creates a coroutine; both call the same step functions.
@@ -286,15 +283,19 @@ class Plan:
         req = self.req
         chain = self.chain
         if self.response is None:
-            if req.target_changed():
-                self.target = req.target.encode("latin-1")
+            if req.path is not req._path0 or req.query is not req._query0:
+                if req.target_changed():
+                    self.target = req.target.encode("latin-1")
             if req.headers.changed:
                 self.headers = req.headers.raw
-            self.req_body_hooks = bool(chain.on_request_body)
-        self.resp_hooks = bool(chain.on_response) or bool(
-            self.route is not None and self.route.has_response_edits)
-        self.body_hooks = bool(chain.on_response_body)
-        self.log_hooks = bool(chain.on_log)
+            if chain.on_request_body:
+                self.req_body_hooks = True
+        if chain.on_response or (self.route is not None and self.route.has_response_edits):
+            self.resp_hooks = True
+        if chain.on_response_body:
+            self.body_hooks = True
+        if chain.on_log:
+            self.log_hooks = True
 
     # -- later phases (called by the session) --------------------------------------------
 
