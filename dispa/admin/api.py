@@ -13,6 +13,8 @@ Routes (see docs/admin-api.md)::
     GET  /admin/config      effective configuration (secrets masked by the provider)
     GET  /admin/log-level   {"level": "info"}
     PUT  /admin/log-level   body {"level": "debug"} -> {"level": "debug", "previous": "info"}
+    POST /admin/cache/purge body {"prefix": "GET|http|example.com|/img/"} or {"key": ...},
+                            optional "plugin": purge response caches in every worker
 
 ``HEAD`` is accepted wherever ``GET`` is.
 """
@@ -213,6 +215,7 @@ class AdminServer:
             "/admin/status": {"GET": self._status},
             "/admin/config": {"GET": self._config},
             "/admin/log-level": {"GET": self._get_log_level, "PUT": self._put_log_level},
+            "/admin/cache/purge": {"POST": self._purge_cache},
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -464,6 +467,26 @@ class AdminServer:
         level = body["level"].strip().lower()
         log.info("log level changed", extra=logs.fields(level=level, previous=previous))
         return _json_response(200, {"level": level, "previous": previous})
+
+    async def _purge_cache(self, req: _Request) -> _Response:
+        try:
+            body = msgspec.json.decode(req.body) if req.body else None
+        except msgspec.DecodeError:
+            return _error(400, "body must be JSON: {\"prefix\": \"...\"} or {\"key\": \"...\"}")
+        if not isinstance(body, dict) or set(body) - {"prefix", "key", "plugin"} or \
+                not any(isinstance(body.get(k), str) for k in ("prefix", "key")) or \
+                any(k in body and not isinstance(body[k], str) for k in body):
+            return _error(400, "body must be a JSON object with a string \"prefix\" or "
+                               "\"key\" (and optionally \"plugin\")")
+        purge = getattr(self.provider, "purge_cache", None)
+        if purge is None:
+            return _error(404, "no cache in this server")
+        try:
+            result = purge(body.get("prefix"), body.get("key"), body.get("plugin"))
+        except ValueError as e:
+            return _error(400, str(e))
+        log.info("cache purge requested", extra=logs.fields(**{k: body.get(k) for k in body}))
+        return _json_response(200, result)
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -122,6 +122,19 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - closing must not stop the swap
                 log.warning("closing plugin failed: %s", exc)
 
+    def purge_cache(self, prefix: str | None, key: str | None, plugin: str | None) -> int:
+        """Purge in every filter that has a cache (``purge``/``purge_key``); the count of
+        removed entries."""
+        n = 0
+        for name, (flt, _) in self.filters.items():
+            if plugin is not None and name != plugin:
+                continue
+            if key is not None and hasattr(flt, "purge_key"):
+                n += flt.purge_key(key)
+            elif prefix is not None and hasattr(flt, "purge"):
+                n += flt.purge(prefix)
+        return n
+
     # -- the request phase --------------------------------------------------------------
 
     def start(self, session, head, host: bytes, target: bytes, intercepted: bool,

@@ -315,6 +315,16 @@ class Master:
         logs.set_level(level)
         self.supervisor.broadcast(m.SetLogLevel(level=logs.get_level()))
 
+    def purge_cache(self, prefix: str | None, key: str | None, plugin: str | None) -> dict:
+        """Ask every worker to purge its response caches (each worker has its own)."""
+        caches = [p.name for p in self.loaded.snapshot.pipeline.plugins if p.type == "cache"]
+        if plugin is not None and plugin not in caches:
+            raise ValueError(f"no cache plugin named {plugin!r}; cache plugins: "
+                             f"{', '.join(caches) or 'none'}")
+        self.supervisor.broadcast(m.PurgeCache(prefix=prefix, key=key, plugin=plugin))
+        return {"purged": {"prefix": prefix, "key": key, "plugin": plugin},
+                "caches": caches, "workers": len(self.status()["workers"])}
+
 
 class AdminView:
     """The master as the admin API sees it (``dispa.admin.api.AdminProvider``)."""
@@ -327,6 +337,7 @@ class AdminView:
         self.config = master.config
         self.health = master.health_status
         self.set_log_level = master.set_log_level
+        self.purge_cache = master.purge_cache
 
 
 SIGNALS = {

@@ -52,6 +52,15 @@ class SetLogLevel(msgspec.Struct, tag=True, frozen=True):
     level: str
 
 
+class PurgeCache(msgspec.Struct, tag=True, frozen=True):
+    """Remove cached responses in every cache filter of the worker: ``key`` exactly, or
+    every key starting with ``prefix`` ("" empties it); ``plugin`` limits it to one."""
+
+    prefix: str | None = None
+    key: str | None = None
+    plugin: str | None = None
+
+
 class Ready(msgspec.Struct, tag=True, frozen=True):
     """The worker has bound its listeners and applied its first snapshot."""
 
@@ -86,5 +95,5 @@ class Fatal(msgspec.Struct, tag=True, frozen=True):
     error: str
 
 
-ToWorker = Init | ApplySnapshot | HealthUpdate | StatsRequest | Drain | SetLogLevel
+ToWorker = Init | ApplySnapshot | HealthUpdate | StatsRequest | Drain | SetLogLevel | PurgeCache
 ToMaster = Ready | Ack | Nack | Stats | Passive | Fatal

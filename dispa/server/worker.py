@@ -130,6 +130,12 @@ class DataPlane:
                 logs.set_level(msg.level)
             except ValueError:
                 log.warning("ignoring unknown log level %r", msg.level)
+        elif isinstance(msg, m.PurgeCache):
+            pipeline = self.runtime.pipeline
+            if pipeline is not None:
+                n = pipeline.purge_cache(msg.prefix, msg.key, msg.plugin)
+                log.info("cache purge", extra={"fields": {"prefix": msg.prefix, "key": msg.key,
+                                                          "removed": n}})
 
     def apply(self, snapshot) -> None:
         if snapshot.version == self.runtime.version:

@@ -164,3 +164,34 @@ def test_a_bad_plugin_config_is_refused_with_its_path(tmp_path):
     assert "plugins.plugins[0].config" in msg and "nope" in msg
     assert "duplicate plugin name 't'" in msg
     assert "unknown plugin type 'no-such-type'" in msg
+
+
+def test_a_filter_returning_garbage_is_counted_and_obeys_its_strategy(dispa, origin):
+    d = dispa(targets=[("a", origin.url)],
+              extra=plugins({"name": "junk", "type": T + "Garbage", "error_strategy": "fail"}))
+    assert http_get(d.port, "/")[0] == 500
+    _, metrics = d.admin_get("/metrics")
+    assert b'kind="bad_return"' in metrics and b'plugin="junk"' in metrics
+
+
+def test_a_bad_plugin_config_at_reload_is_refused_and_the_old_chain_keeps_working(
+        dispa, origin):
+    import signal
+    import time
+
+    d = dispa(targets=[("a", origin.url)],
+              extra=plugins({"name": "tag", "type": T + "Tag",
+                             "config": {"header": "x-tag", "value": "v1"}}))
+    good = d.config_path.read_text()
+    d.config_path.write_text(good.replace('"header" = "x-tag"', '"hedaer" = "x-tag"'))
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    st = d.status()
+    while time.monotonic() < deadline and st["reloads"]["failed"] < 1:
+        time.sleep(0.05)
+        st = d.status()
+    assert st["reloads"]["failed"] == 1
+    assert any("plugins.plugins[0].config" in (e.get("path") or "") and "hedaer" in e["message"]
+               for e in st["config_errors"]), st["config_errors"]
+    status, headers, _ = http_get(d.port, "/")
+    assert status == 200 and headers["x-tag"] == "v1"

@@ -188,3 +188,36 @@ config = {{ exec = "{script}", exec_allowlist = ["{script}"], timeout_ms = 3000,
     assert headers["x-upstream-status"] == "200"  # response stage
     pids = {http_get(d.port, "/")[1].get("x-resp-pid") for _ in range(6)}
     assert len(pids) <= 2  # a pool of long-lived processes, not one per request
+
+
+def test_cache_purge_through_the_admin_api(dispa, origin):
+    import json
+    import time
+
+    extra = '''
+[[plugins.plugins]]
+name = "edge"
+type = "cache"
+'''
+    d = dispa(targets=[("a", origin.url)], extra=extra)
+    assert http_get(d.port, "/cacheable?max_age=600")[1]["x-cache"] == "MISS"
+    assert http_get(d.port, "/cacheable?max_age=600")[1]["x-cache"] == "HIT"
+
+    def post(body):
+        c = http.client.HTTPConnection("127.0.0.1", d.admin_port, timeout=10)
+        c.request("POST", "/admin/cache/purge", body=json.dumps(body),
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        return r.status, json.loads(r.read())
+
+    status, body = post({"prefix": "GET|http|example.com|/cacheable"})
+    assert status == 200 and body["caches"] == ["edge"]
+    assert post({"prefix": "x", "plugin": "nope"})[0] == 400
+    assert post({"bogus": 1})[0] == 400
+    deadline = time.monotonic() + 10
+    seen = []
+    while time.monotonic() < deadline:  # the purge reaches the worker asynchronously
+        seen.append(http_get(d.port, "/cacheable?max_age=600")[1]["x-cache"])
+        if seen[-1] == "MISS":
+            break
+    assert seen[-1] == "MISS" and origin.served["/cacheable"] == 2

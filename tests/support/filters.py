@@ -106,3 +106,12 @@ class Limit(Filter):
         if req.ctx["n"] > 10:
             raise HTTPError(413, "body too large")
         return chunk
+
+
+class Garbage(Filter):
+    """Returns something that is neither None nor a Response."""
+
+    name = "test-garbage"
+
+    def on_request(self, req):
+        return 42
