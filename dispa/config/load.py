@@ -542,6 +542,13 @@ class _Context:
             self.issue("nesting too deep", path)
             return None
         base = _unwrap(tp)
+        if typing.get_origin(base) is Union and type(None) in typing.get_args(base):
+            # Optional[...]: a present value is built as the non-None part
+            rest = tuple(a for a in typing.get_args(base) if a is not type(None))
+            if value is not None and (len(rest) > 1 or _is_struct(_unwrap(rest[0]))
+                                      or _tagged_members(rest[0]) is not None):
+                return self.build(value, Union[rest] if len(rest) > 1 else rest[0], path,
+                                  depth)
         if _is_struct(base):
             return self._build_struct(value, base, path, depth)
         members = _tagged_members(tp)

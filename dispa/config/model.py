@@ -183,6 +183,11 @@ class PluginsConfig(_Table):
     plugins: list[PluginConfig] = msgspec.field(default_factory=list)
 
 
+# ---------------------------------------------------------------- [routing]
+# The rule tables live in config/routing_model.py (imported at the end of this module: it
+# builds on _Table and the value types above).
+
+
 # ---------------------------------------------------------------- [logging]
 
 class DatabaseLogConfig(_Table):
@@ -226,6 +231,8 @@ class MonitoringConfig(_Table):
 
 # ---------------------------------------------------------------- top level
 
+from dispa.config.routing_model import RoutingConfig  # noqa: E402 - needs _Table above
+
 class Config(_Table):
     """The whole file."""
 
@@ -234,5 +241,6 @@ class Config(_Table):
     cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig, name="targets")
     target_groups: list[TargetGroupConfig] = msgspec.field(default_factory=list)
     plugins: PluginsConfig = PluginsConfig()
+    routing: RoutingConfig = RoutingConfig()
     logging: LoggingConfig = LoggingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()

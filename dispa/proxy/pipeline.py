@@ -257,7 +257,7 @@ class Plan:
                     p.metrics.inc("dispa_routing_matches_total", (("rule", route.name),))
                 if p.route_log:
                     log.info("route %s matched %s %s", route.name, req.method, req.target)
-                local = route.local_response(req.host, req.path, req.query)
+                local = route.local_response(req.host, req.path, req.query, m.params)
                 if local is not None:
                     status, headers, body = local
                     resp = Response(status, body)
