@@ -669,9 +669,10 @@ cdef class Session:
         cdef double ep_timeout, a, b, timeout
         cdef Pool pool
         cdef UpstreamConnection conn
-        i = cluster.pick(self.peer_ip, self.tried)
+        i = cluster.pick(self.peer_ip, self.tried, self.head)
         if i < 0:
-            self._respond_local(503, b"no upstream endpoint available\n", not self.req_complete)
+            self._respond_local(503, b"upstream circuit open\n" if i == -2 else
+                                b"no upstream endpoint available\n", not self.req_complete)
             return 0
         self.ep = i
         cluster.selector.acquire(i)
@@ -1129,6 +1130,8 @@ cdef class Session:
                 cluster.mark_failed(i)
                 self.server.report_passive(cluster.name, cluster.endpoints[i].id,
                                            "connect_failed")
+            if cluster.tracks:
+                cluster.report(i, 0, _now() - self.t0)
             self.server.metrics.observe_upstream(
                 cluster.endpoints[i].id,
                 "timeout" if exc.status_hint == 504 else
@@ -1147,7 +1150,8 @@ cdef class Session:
             tried = self.tried or set()
             tried.add(i)
             self.tried = tried
-            if len(tried) <= cluster.spec.max_retries and len(tried) < len(cluster.endpoints):
+            if len(tried) <= cluster.spec.max_retries and len(tried) < len(cluster.endpoints) \
+                    and cluster.retry_allowed():
                 self.server.metrics.inc("dispa_retries_total")
                 self.ep = -1
                 return self._choose_and_connect()
@@ -1275,6 +1279,8 @@ cdef class Session:
         cdef bint keep
         self._release_ep()
         self.rt.observe_upstream(self.ep_ids[ep], "ok", _now() - self.t0)
+        if cluster.tracks:
+            cluster.report(ep, status, _now() - self.t0)
         conn.owner = None
         self.upstream = None
         conn.parser.head = None  # back to the freelist now, not at the next response

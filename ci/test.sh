@@ -3,6 +3,8 @@
 #   bash ci/test.sh            compiled build, then the pure-Python twins, then the fuzz smoke
 #   FAST=1 bash ci/test.sh     skip the slow e2e tests
 set -euo pipefail
+# the nginx hash trace test must run, never skip, in CI (nginx-light is installed)
+export DISPA_REQUIRE_NGINX=1
 cd "$(dirname "$0")/.."
 bash ci/install-system-deps.sh
 export PATH="$HOME/.cargo/bin:$PATH"

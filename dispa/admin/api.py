@@ -438,6 +438,9 @@ class AdminServer:
         return _json_response(200, await self.provider.metrics_json())
 
     async def _status(self, req: _Request) -> _Response:
+        refresh = getattr(self.provider, "refresh_status", None)
+        if refresh is not None:
+            await refresh()
         return _json_response(200, self.provider.status())
 
     async def _config(self, req: _Request) -> _Response:

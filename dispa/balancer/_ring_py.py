@@ -8,8 +8,9 @@ means a new ``Ring``. Results are indexes into the node sequence it was built fr
 Point placement is nginx's ``hash $key consistent`` (``ngx_http_upstream_init_chash`` in
 ``ngx_http_upstream_hash_module.c``):
 
-1. The node name (``"127.0.0.1:8081"``, the ``server`` directive's text) is split at its
-   last ``:`` into host and port; ``unix:`` names and names without ``:`` have no port.
+1. The node name (``"127.0.0.1:8081"``, the ``server`` directive's text) is split into host
+   and port: a trailing ``:<digits>`` is the port; ``unix:`` names hash the path with no
+   port, and names with no trailing ``:<digits>`` (``"backend"``, ``"[::1]"``) have no port.
 2. Point ``j`` of a node is ``crc32(host + b"\\0" + port + le32(point[j-1]))``, with
    ``point[-1] = 0``, for ``points_per_weight * weight`` points (nginx: 160 per weight).
 3. Points are sorted by hash; of equal hashes only the first (lowest node index) is kept.
@@ -18,17 +19,24 @@ Point placement is nginx's ``hash $key consistent`` (``ngx_http_upstream_init_ch
 ``>=`` it, wrapping to the first point. ``lookup_n`` walks on clockwise collecting distinct
 nodes: the failover order, as nginx does with ``hp->hash++``.
 
-WARNING: keep in sync with ``rust/src/ring.rs``. ``tests/unit/balancer/test_ring.py`` runs
-every test against both and compares them on random inputs.
+``lookup_bounded(key, loads, factor)`` is consistent hashing with bounded loads (Mirrokni et
+al.; HAProxy's ``hash-balance-factor``): the first node along the same walk whose in-flight
+load is below ``ceil(factor * (sum(loads) + 1) * weight / sum(weights))``
+(:func:`bounded_capacities`, shared with the Maglev twin).
+
+WARNING: keep in sync with ``rust/src/ring.rs`` and ``rust/src/bounded.rs``.
+``tests/unit/balancer/test_ring.py`` and ``test_ring_properties.py`` run every test against
+both and compare them on random inputs.
 """
 
 from __future__ import annotations
 
+import math
 import zlib
 from bisect import bisect_left
 from collections.abc import Sequence
 
-__all__ = ["DEFAULT_POINTS_PER_WEIGHT", "MAX_POINTS", "Ring"]
+__all__ = ["DEFAULT_POINTS_PER_WEIGHT", "MAX_FACTOR", "MAX_POINTS", "MIN_FACTOR", "Ring", "bounded_capacities"]
 
 #: nginx's number of virtual nodes per unit of weight.
 DEFAULT_POINTS_PER_WEIGHT = 160
@@ -36,13 +44,54 @@ DEFAULT_POINTS_PER_WEIGHT = 160
 MAX_POINTS = 1 << 25
 
 
+#: Bounded loads: the balance factor must lie in ``[MIN_FACTOR, MAX_FACTOR]`` (below 1 the
+#: capacities could not hold the load; the cap keeps the arithmetic finite). Same as Rust.
+MIN_FACTOR = 1.0
+MAX_FACTOR = 1.0e6
+
+_U64 = 1 << 64
+
+
 def _split_host_port(name: bytes) -> tuple[bytes, bytes]:
+    """nginx's split: ``unix:`` → (path, no port); a trailing ``:<digits>`` is the port."""
     if name[:5].lower() == b"unix:":
         return name[5:], b""
-    i = name.rfind(b":")
-    if i < 0:
-        return name, b""
-    return name[:i], name[i + 1 :]
+    end = len(name)
+    i = end
+    while i > 0 and 48 <= name[i - 1] <= 57:
+        i -= 1
+    if i > 0 and name[i - 1] == 58:  # b":"
+        return name[: i - 1], name[i:]
+    return name, b""
+
+
+def bounded_capacities(loads: Sequence[int], weights: Sequence[int], factor: float) -> list[int]:
+    """Per-node capacities ``ceil(factor * (sum(loads) + 1) * weight / sum(weights))``.
+
+    The float operations run in the same order as ``rust/src/bounded.rs``, so both twins get
+    identical capacities. Raises ``TypeError`` for a non-sequence or non-int load or a
+    non-number factor, ``OverflowError`` for a load outside ``[0, 2**64)`` (as the binding's
+    ``u64`` conversion does), ``ValueError`` when ``len(loads) != len(weights)`` or the factor
+    is NaN or outside ``[MIN_FACTOR, MAX_FACTOR]``.
+    """
+    if isinstance(loads, (str, bytes, bytearray)):
+        raise TypeError("loads must be a sequence of int")
+    loads = list(loads)
+    for x in loads:
+        if not isinstance(x, int):
+            raise TypeError(f"loads must hold int, not {type(x).__name__}")
+        if x < 0 or x >= _U64:
+            raise OverflowError("a load must be in [0, 2**64)")
+    if isinstance(factor, (str, bytes)) or not isinstance(factor, (int, float)):
+        raise TypeError("factor must be a float")
+    factor = float(factor)
+    if len(loads) != len(weights):
+        raise ValueError(f"loads has {len(loads)} entries; expected one per node ({len(weights)})")
+    if not (MIN_FACTOR <= factor <= MAX_FACTOR):
+        raise ValueError(f"balance factor {factor} is out of range; it must be between 1 and 1000000")
+    scaled = factor * float(sum(loads) + 1)
+    total_weight = float(sum(weights))
+    return [math.ceil(scaled * w / total_weight) for w in weights]
 
 
 class Ring:
@@ -54,7 +103,7 @@ class Ring:
     malformed nodes.
     """
 
-    __slots__ = ("_hashes", "_owners", "_n", "_npoints")
+    __slots__ = ("_hashes", "_owners", "_n", "_npoints", "_weights")
 
     def __init__(self, nodes: Sequence[tuple[str, int]], *, points_per_weight: int = DEFAULT_POINTS_PER_WEIGHT) -> None:
         if isinstance(nodes, (str, bytes)):
@@ -104,6 +153,7 @@ class Ring:
         self._owners = owners
         self._n = len(parsed)
         self._npoints = len(hashes)
+        self._weights = [w for _, w in parsed]
 
     def __len__(self) -> int:
         return self._n
@@ -148,3 +198,22 @@ class Ring:
             i = bisect_left(hashes, crc32(k))
             out.append(owners[i if i < npoints else 0])
         return out
+
+    def lookup_bounded(self, key: bytes, loads: Sequence[int], factor: float) -> int:
+        """The first node along ``key``'s walk whose load is below its bounded capacity.
+
+        See :func:`bounded_capacities` for the capacity and the errors. If no node has room
+        (only possible through float rounding), the plain owner.
+        """
+        caps = bounded_capacities(loads, self._weights, factor)
+        loads = list(loads)
+        owners = self._owners
+        npoints = self._npoints
+        start = bisect_left(self._hashes, zlib.crc32(key))
+        if start == npoints:
+            start = 0
+        for step in range(npoints):
+            node = owners[(start + step) % npoints]
+            if loads[node] < caps[node]:
+                return node
+        return owners[start]

@@ -202,7 +202,17 @@ def compile_cluster(cluster: m.ClusterConfig, *, name: str = DEFAULT_CLUSTER,
             write_timeout_seconds=float(pool.write_timeout),
         ),
         max_retries=cluster.max_retries,
+        lb_options={k: v for k, v in msgspec.to_builtins(lb).items()
+                    if k not in ("type", "sticky_sessions")},
+        breaker=_plain(cluster.circuit_breaker),
+        group_breaker=_plain(cluster.group_breaker),
+        outlier=_plain(cluster.outlier_detection),
+        retry_budget=_plain(cluster.retry_budget),
     )
+
+
+def _plain(table):
+    return None if table is None else msgspec.to_builtins(table)
 
 
 def _address(parsed: tuple[str, int] | str) -> tuple[str, int]:

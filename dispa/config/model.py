@@ -27,10 +27,14 @@ cross-field rules, and a line in ``compile`` if the runtime uses it.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Optional, Union
 
 import msgspec
 from msgspec import Meta
+
+from dispa.balancer.breaker import BreakerConfig, GroupBreakerConfig
+from dispa.balancer.outlier import OutlierConfig
+from dispa.balancer.retry_budget import RetryBudgetConfig
 
 # Shared value types. Durations are seconds (int or float); the upper bound only catches
 # typos such as a value in milliseconds.
@@ -113,7 +117,37 @@ class Random(LoadBalancing, tag="random"):
     """Uniformly at random."""
 
 
-LoadBalancingChoice = Union[RoundRobin, Weighted, LeastConnections, Random]
+HashKey = Annotated[str, Meta(min_length=1, description=(
+    "client_ip | path | uri | header:<name> | cookie:<name> | query:<arg>, or several "
+    "joined with +"))]
+
+
+class ConsistentHashLB(LoadBalancing, tag="consistent_hash"):
+    """A ketama ring placed exactly like nginx's ``hash $key consistent``."""
+
+    virtual_nodes: Annotated[int, Meta(ge=1, le=10000)] = 160  # points per unit of weight
+    hash_key: HashKey = "client_ip"
+    # consistent hashing with bounded loads (HAProxy hash-balance-factor): no endpoint takes
+    # more than factor x the average in-flight requests; unset: plain ring
+    bounded_load_factor: Optional[Annotated[float, Meta(gt=1.0, le=10.0)]] = None
+
+
+class MaglevLB(LoadBalancing, tag="maglev"):
+    """Google's Maglev lookup table: even spread, minimal disruption."""
+
+    hash_key: HashKey = "client_ip"
+    table_size: Annotated[int, Meta(ge=7, le=1_000_003)] = 65537  # a prime
+
+
+class PeakEwmaLB(LoadBalancing, tag="peak_ewma"):
+    """Power of two choices over outstanding requests x peak-EWMA latency."""
+
+    decay_seconds: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    initial_latency_seconds: Annotated[float, Meta(gt=0, le=60)] = 0.03
+
+
+LoadBalancingChoice = Union[RoundRobin, Weighted, LeastConnections, Random, ConsistentHashLB,
+                            MaglevLB, PeakEwmaLB]
 
 
 class HealthCheckConfig(_Table):
@@ -149,6 +183,11 @@ class ClusterConfig(_Table):
     health_check: HealthCheckConfig = HealthCheckConfig()
     pool: PoolConfig = PoolConfig()
     max_retries: Annotated[int, Meta(ge=0, le=10)] = 1
+    # Resilience (docs/resilience.md); each is off unless its table is present.
+    circuit_breaker: Optional[BreakerConfig] = None
+    group_breaker: Optional[GroupBreakerConfig] = None
+    outlier_detection: Optional[OutlierConfig] = None
+    retry_budget: Optional[RetryBudgetConfig] = None
 
 
 class TargetGroupConfig(ClusterConfig, kw_only=True):

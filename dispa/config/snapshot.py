@@ -76,6 +76,13 @@ class ClusterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     health_check: HealthCheckSpec = HealthCheckSpec()
     pool: PoolSpec = PoolSpec()
     max_retries: int = 1  # extra attempts for idempotent requests when nothing was sent
+    # Per-type balancing options (consistent_hash: virtual_nodes, hash_key, ...).
+    lb_options: dict = msgspec.field(default_factory=dict)
+    # Resilience tables as plain data (balancer/*Config shapes), None when absent.
+    breaker: Any = None
+    group_breaker: Any = None
+    outlier: Any = None
+    retry_budget: Any = None
 
 
 class InterceptSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

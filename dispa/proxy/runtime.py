@@ -13,7 +13,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
+
 from dispa.balancer import build_selector
+from dispa.balancer.breaker import BreakerConfig, GroupBreaker, GroupBreakerConfig
+from dispa.balancer.consistent import ConsistentHash
+from dispa.balancer.ewma import PeakEwma
+from dispa.balancer.hash_key import compile_hash_key
+from dispa.balancer.outlier import OutlierConfig, OutlierDetector
+from dispa.balancer.retry_budget import RetryBudgetConfig, build_retry_budget
 from dispa.config.snapshot import ClusterSpec, Snapshot
 from dispa.proxy.forwarding import FORWARDING_HEADERS, TrustedProxies
 from dispa.plugins.chain import StatsRegistry
@@ -31,13 +39,14 @@ class ClusterRuntime:
     """A cluster's endpoints, selector, pools and health, as one worker sees them."""
 
     __slots__ = ("name", "spec", "endpoints", "selector", "pools", "healthy", "down_until",
-                 "_all_up", "sticky", "ep_timeouts", "ep_ids")
+                 "_all_up", "sticky", "ep_timeouts", "ep_ids", "hash_key", "tracks",
+                 "breakers", "outlier", "budget", "observe", "_pick")
 
     def __init__(self, spec: ClusterSpec, state: "WorkerState"):
         self.name = spec.name
         self.spec = spec
         self.endpoints = spec.endpoints
-        self.selector = build_selector(spec.lb, [e.weight for e in spec.endpoints])
+        self.selector, self.hash_key = _selector(spec, state)
         self.pools = [state.pool_for(e.id, e.host, e.port, spec.pool) for e in spec.endpoints]
         self.healthy = [state.health.get(f"{spec.name}/{e.id}", True) for e in spec.endpoints]
         self.down_until = [0.0] * len(spec.endpoints)
@@ -45,6 +54,24 @@ class ClusterRuntime:
         self.sticky = spec.sticky_sessions
         self.ep_timeouts = tuple(float(e.timeout_seconds) for e in spec.endpoints)
         self.ep_ids = tuple(e.id for e in spec.endpoints)
+        n = len(spec.endpoints)
+        # Resilience state is per worker and per snapshot (a reload starts it afresh, as a
+        # changed endpoint set would make old indexes meaningless).
+        self.breakers = None
+        if spec.breaker is not None or spec.group_breaker is not None:
+            self.breakers = GroupBreaker(
+                n, msgspec.convert(spec.breaker, BreakerConfig) if spec.breaker else None,
+                msgspec.convert(spec.group_breaker, GroupBreakerConfig)
+                if spec.group_breaker else None)
+        self.outlier = (OutlierDetector(n, msgspec.convert(spec.outlier, OutlierConfig))
+                        if spec.outlier is not None else None)
+        self.budget = (build_retry_budget(msgspec.convert(spec.retry_budget,
+                                                          RetryBudgetConfig))
+                       if spec.retry_budget is not None else None)
+        self.observe = getattr(self.selector, "observe", None)  # latency-aware selectors
+        # tracks: the session reports outcomes (pick/report below take the slow path)
+        self.tracks = bool(self.breakers or self.outlier or self.budget or self.observe)
+        self._pick = self._pick_guarded if self.tracks else self._pick_plain
 
     def set_health(self, endpoint_id: str, healthy: bool) -> None:
         for i, e in enumerate(self.endpoints):
@@ -81,12 +108,88 @@ class ClusterRuntime:
             return None
         return view
 
-    def pick(self, client_ip: str, exclude: set[int] | None) -> int:
+    def pick(self, client_ip: str, exclude: set[int] | None, head=None) -> int:
+        """The endpoint index for a request; -1: none usable, -2: the group's breaker is
+        open (answered 503 at once)."""
+        return self._pick(client_ip, exclude, head)
+
+    def _key(self, client_ip: str, head) -> bytes | None:
+        hk = self.hash_key
+        if hk is None or head is None:
+            return client_ip.encode() if self.sticky else None
+        target = head.target
+        path, _, query = target.partition(b"?")
+        return hk.build(head.method, path, query, head.headers, client_ip)
+
+    def _pick_guarded(self, client_ip: str, exclude, head) -> int:
+        now = time.monotonic()
+        breakers = self.breakers
+        if breakers is not None and not breakers.admit(now):
+            return -2
         view = self.health_view()
-        key = client_ip.encode() if self.sticky else None
+        if breakers is not None:
+            view = breakers.mask(now, view)
+        if self.outlier is not None:
+            view = self.outlier.mask(now, view)
+        if view is not None and not any(view):
+            return -1  # every endpoint's breaker is open (or ejected): fail fast
+        key = self._key(client_ip, head)
+        tried = set(exclude) if exclude else set()
+        for _ in range(len(self.endpoints)):
+            if tried:
+                i = self.selector.pick_excluding(view, tried, key)
+            else:
+                i = self.selector.pick(view, key)
+            if i < 0 or breakers is None or breakers.allow_endpoint(i, now):
+                break
+            tried.add(i)  # half-open with its probes in flight: try another
+            i = -1
+        if i >= 0 and self.budget is not None and not exclude:
+            self.budget.deposit(now)
+        return i
+
+    def report(self, i: int, status: int, duration: float) -> None:
+        """Outcome of one attempt on endpoint ``i``: an HTTP status, or 0 for a failure
+        before a response (connect error, reset, timeout)."""
+        now = time.monotonic()
+        ok = 0 < status < 500
+        if self.breakers is not None:
+            self.breakers.record(i, now, ok, duration)
+        if self.outlier is not None:
+            self.outlier.record(i, now, status)
+        if self.observe is not None and status:
+            self.observe(i, duration, now)
+        if self.budget is not None:
+            self.budget.request_done()
+
+    def retry_allowed(self) -> bool:
+        """A retry may go out (the retry budget, when configured, has room)."""
+        if self.budget is None:
+            return True
+        if self.budget.try_withdraw(time.monotonic()):
+            self.budget.retry_done()
+            return True
+        return False
+
+    def snapshot(self) -> dict:
+        """Resilience state for metrics and /admin/status."""
+        now = time.monotonic()
+        out: dict = {}
+        if self.breakers is not None:
+            out["breakers"] = self.breakers.snapshot(now)
+        if self.outlier is not None:
+            out["outlier"] = self.outlier.snapshot(now)
+        if self.budget is not None:
+            out["retry_budget"] = self.budget.snapshot(now)
+        return out
+
+    def _pick_plain(self, client_ip: str, exclude, head) -> int:
+        view = self.health_view()
+        key = self._key(client_ip, head) if self.hash_key is not None else (
+            client_ip.encode() if self.sticky else None)
         if exclude:
             return self.selector.pick_excluding(view, exclude, key)
-        if self.sticky:
+        if self.sticky and self.hash_key is None:
             return self._sticky_pick(view, key)
         return self.selector.pick(view, key)
 
@@ -103,6 +206,25 @@ class ClusterRuntime:
             if score > best_score:
                 best, best_score = i, score
         return best
+
+
+def _selector(spec: ClusterSpec, state):
+    """The cluster's selector and, for hashing ones, its compiled hash key."""
+    weights = [e.weight for e in spec.endpoints]
+    opts = spec.lb_options
+    if spec.lb in ("consistent_hash", "maglev"):
+        # node names as nginx's `server` lines spell them, so placement matches nginx
+        nodes = [(e.id, e.weight) for e in spec.endpoints]
+        if spec.lb == "maglev":
+            sel = ConsistentHash(nodes, mode="maglev", table_size=opts.get("table_size", 65537))
+        else:
+            sel = ConsistentHash(nodes, points_per_weight=opts.get("virtual_nodes", 160),
+                                 bounded_factor=opts.get("bounded_load_factor"))
+        return sel, compile_hash_key(opts.get("hash_key", "client_ip"))
+    if spec.lb == "peak_ewma":
+        return PeakEwma(weights, decay_seconds=opts.get("decay_seconds", 10.0),
+                        initial_latency_seconds=opts.get("initial_latency_seconds", 0.03)), None
+    return build_selector(spec.lb, weights), None
 
 
 class WorkerState:

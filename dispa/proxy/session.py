@@ -395,9 +395,10 @@ class Session(asyncio.Protocol):
 
     def _choose_and_connect(self) -> None:
         cluster = self.cluster
-        i = cluster.pick(self.peer_ip, self.tried)
+        i = cluster.pick(self.peer_ip, self.tried, self.head)
         if i < 0:
-            self._respond_local(503, b"no upstream endpoint available\n",
+            self._respond_local(503, b"upstream circuit open\n" if i == -2 else
+                                b"no upstream endpoint available\n",
                                 close=not self.req_complete)
             return
         self.ep = i
@@ -783,6 +784,8 @@ class Session(asyncio.Protocol):
             if connect:
                 cluster.mark_failed(i)
                 self.server.report_passive(cluster.name, cluster.endpoints[i].id, "connect_failed")
+            if cluster.tracks:
+                cluster.report(i, 0, time.monotonic() - self.t0)
             self.server.metrics.observe_upstream(
                 cluster.endpoints[i].id,
                 "timeout" if exc.status_hint == 504 else
@@ -801,7 +804,8 @@ class Session(asyncio.Protocol):
             tried = self.tried or set()
             tried.add(i)
             self.tried = tried
-            if len(tried) <= cluster.spec.max_retries and len(tried) < len(cluster.endpoints):
+            if len(tried) <= cluster.spec.max_retries and len(tried) < len(cluster.endpoints) \
+                    and cluster.retry_allowed():
                 self.server.metrics.inc("dispa_retries_total")
                 self.ep = -1
                 self._choose_and_connect()
@@ -930,6 +934,8 @@ class Session(asyncio.Protocol):
         status = self.resp_status
         self.server.metrics.observe_upstream(cluster.endpoints[self.ep].id, "ok",
                                              time.monotonic() - self.t0)
+        if cluster.tracks:
+            cluster.report(self.ep, status, time.monotonic() - self.t0)
         conn.owner = None
         self.upstream = None
         # Bytes after the end of the response (a body sent with HEAD, more than its

@@ -68,6 +68,7 @@ class Master:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload: dict | None = None
+        self.worker_resilience: dict = {}
         self.started_at = time.time()
         self.metrics = MetricsAggregator()
         self.health = HealthChecker(self._on_health_change)
@@ -252,12 +253,23 @@ class Master:
         self.last_reload = {"at": time.time(), "reason": reason, "ok": False, "errors": errors}
 
     # ------------------------------------------------------------------ AdminProvider
+    async def refresh_status(self) -> None:
+        """Before /admin/status: fetch the workers' resilience state when some cluster has
+        breakers, ejection, a retry budget or a latency-aware balancer."""
+        if any(c.breaker or c.group_breaker or c.outlier or c.retry_budget
+               or c.lb == "peak_ewma" for c in self.loaded.snapshot.clusters):
+            await self._gather_metrics()
+
     async def _gather_metrics(self) -> list:
+        resilience = {}
         for key, export in (await self.supervisor.collect_stats()).items():
+            if isinstance(export, dict) and export.get("resilience"):
+                resilience[key] = export["resilience"]
             try:
                 self.metrics.update(key, export)
             except ValueError as exc:  # one bad export must not break the scrape
                 log.warning("ignoring malformed stats from worker %s: %s", key, exc)
+        self.worker_resilience = resilience
         gauges = []
         health = self.health.health_map()
         for c in self.loaded.snapshot.clusters:
@@ -299,6 +311,8 @@ class Master:
             "reloads": {"ok": self.reloads_ok, "failed": self.reloads_failed,
                         "last": self.last_reload},
             "health": {k: v for k, v in self.health.details.items()},
+            # per worker (each keeps its own breakers): {worker: {cluster: state}}
+            "resilience": self.worker_resilience,
             **self.extra_status,
         }
 
@@ -338,6 +352,7 @@ class AdminView:
         self.health = master.health_status
         self.set_log_level = master.set_log_level
         self.purge_cache = master.purge_cache
+        self.refresh_status = master.refresh_status
 
 
 SIGNALS = {

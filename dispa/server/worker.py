@@ -122,7 +122,11 @@ class DataPlane:
                 self.runtime.set_health(key, healthy)
         elif isinstance(msg, m.StatsRequest):
             self.metrics.set_gauge("dispa_active_connections", (), len(self.sessions))
-            self.channel.send(m.Stats(seq=msg.seq, export=self.metrics.export()))
+            resilience = self._resilience()
+            export = self.metrics.export()
+            if resilience:
+                export["resilience"] = resilience
+            self.channel.send(m.Stats(seq=msg.seq, export=export))
         elif isinstance(msg, m.Drain):
             self.drain(msg.deadline_seconds)
         elif isinstance(msg, m.SetLogLevel):
@@ -136,6 +140,30 @@ class DataPlane:
                 n = pipeline.purge_cache(msg.prefix, msg.key, msg.plugin)
                 log.info("cache purge", extra={"fields": {"prefix": msg.prefix, "key": msg.key,
                                                           "removed": n}})
+
+    def _resilience(self) -> dict:
+        """Breaker, ejection and retry-budget state of the clusters that track outcomes,
+        also set as gauges (summed over workers by the master: how many have it open)."""
+        out = {}
+        for name, cluster in self.runtime.clusters.items():
+            if not cluster.tracks:
+                continue
+            snap = cluster.snapshot()
+            out[name] = snap
+            breakers = snap.get("breakers", {}).get("endpoints", [])
+            ejected = set(snap.get("outlier", {}).get("ejected", []))
+            for i, e in enumerate(cluster.endpoints):
+                labels = (("cluster", name), ("endpoint", e.id))
+                if i < len(breakers):
+                    state = breakers[i].get("state", "closed")
+                    self.metrics.set_gauge("dispa_circuit_breaker_open", labels,
+                                           1.0 if state == "open" else 0.0)
+                    self.metrics.set_gauge("dispa_circuit_breaker_half_open", labels,
+                                           1.0 if state == "half_open" else 0.0)
+                if "outlier" in snap:
+                    self.metrics.set_gauge("dispa_outlier_ejected", labels,
+                                           1.0 if i in ejected else 0.0)
+        return out
 
     def apply(self, snapshot) -> None:
         if snapshot.version == self.runtime.version:

@@ -1,6 +1,7 @@
 //! `dispa._rust.Ring`: the pyo3 binding of [`crate::ring::Ring`].
 //!
-//! Only plain data crosses: `str`/`int` nodes and `bytes` keys in, `int`/`list[int]` out.
+//! Only plain data crosses: `str`/`int` nodes, `bytes` keys, `list[int]` loads and a `float`
+//! factor in; `int`/`list[int]` out.
 //! The object holds no Python references (nothing for the GC to traverse, safe across
 //! `fork`). Lookups keep the GIL: releasing it would cost more than the lookup itself.
 //! Docstrings for Python users live in `dispa/_rust.pyi`.
@@ -9,10 +10,30 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
+use crate::bounded::BoundedError;
 use crate::ring::{Ring, RingError, DEFAULT_POINTS_PER_WEIGHT};
 
 fn to_py_err(e: RingError) -> PyErr {
     PyValueError::new_err(e.to_string())
+}
+
+/// Bounded-load errors are `ValueError`s too (shared with `py_maglev`).
+pub(crate) fn bounded_err(e: BoundedError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// `[f(k) for k in keys]` for a list of `bytes` (shared with `py_maglev`).
+pub(crate) fn map_keys<'py>(
+    py: Python<'py>,
+    keys: &Bound<'py, PyList>,
+    f: impl Fn(&[u8]) -> usize,
+) -> PyResult<Bound<'py, PyList>> {
+    let mut out: Vec<usize> = Vec::with_capacity(keys.len());
+    for item in keys.iter() {
+        let b = item.cast::<PyBytes>()?;
+        out.push(f(b.as_bytes()));
+    }
+    PyList::new(py, out)
 }
 
 /// Immutable ketama ring, nginx-compatible (`hash $key consistent`).
@@ -72,11 +93,12 @@ impl PyRing {
         py: Python<'py>,
         keys: &Bound<'py, PyList>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let mut out: Vec<usize> = Vec::with_capacity(keys.len());
-        for item in keys.iter() {
-            let b = item.cast::<PyBytes>()?;
-            out.push(self.inner.lookup(b.as_bytes()));
-        }
-        PyList::new(py, out)
+        map_keys(py, keys, |k| self.inner.lookup(k))
+    }
+
+    fn lookup_bounded(&self, key: &[u8], loads: Vec<u64>, factor: f64) -> PyResult<usize> {
+        self.inner
+            .lookup_bounded(key, &loads, factor)
+            .map_err(bounded_err)
     }
 }

@@ -11,9 +11,9 @@
 //! `src/http/modules/ngx_http_upstream_hash_module.c` (compatible with
 //! Cache::Memcached::Fast):
 //!
-//! 1. The node name is the `server` directive's text, e.g. `"127.0.0.1:8081"`. It is split
-//!    at its **last** `:` into host and port (`"unix:/path"` has no port; a name without
-//!    `:` has no port).
+//! 1. The node name is the `server` directive's text, e.g. `"127.0.0.1:8081"`. A trailing
+//!    `:<digits>` is the port and the rest the host; `"unix:/path"` hashes the path with no
+//!    port, and a name with no trailing `:<digits>` (`"backend"`, `"[::1]"`) has no port.
 //! 2. `base = crc32_update(INIT, host ++ "\0" ++ port)` (not finalised).
 //! 3. For each of `points_per_weight * weight` points (nginx: 160 per weight),
 //!    `point = crc32_final(crc32_update(base, prev_le))` where `prev_le` is the previous
@@ -27,6 +27,14 @@
 //! first point (nginx `ngx_http_upstream_find_chash_point` + `% points->number`).
 //! The failover walk ([`Ring::lookup_n`], [`Ring::walk`]) continues clockwise from there,
 //! as nginx does with `hp->hash++` when a peer is down.
+//!
+//! nginx compatibility ("nginx_compat mode") is this placement with
+//! [`DEFAULT_POINTS_PER_WEIGHT`]; any other `points_per_weight` keeps the algorithm but not
+//! nginx's answers (1000-1600 points bring the load CV from ~7% to 3-4%; see
+//! `docs/consistent-hashing.md`). The golden test `nginx_captured_json_traces` replays
+//! traces recorded from nginx 1.22.1 (`tests/golden/nginx_hash/`).
+//!
+//! [`Ring::lookup_bounded`] adds bounded loads over the same walk ([`crate::bounded`]).
 //!
 //! WARNING: `dispa/balancer/_ring_py.py` is the pure twin of this file. Any change to
 //! placement, de-duplication, or walk order must be made in both places; the Python test
@@ -48,6 +56,8 @@
 //! ```
 
 use std::fmt;
+
+use crate::bounded::{BoundedError, Capacity};
 
 /// nginx's number of virtual nodes per unit of weight.
 pub const DEFAULT_POINTS_PER_WEIGHT: u32 = 160;
@@ -159,15 +169,22 @@ pub fn crc32(data: &[u8]) -> u32 {
     crc32_final(crc32_update(CRC_INIT, data))
 }
 
-/// Split a `server` name into (host, port) as nginx does: `unix:` prefix means no port,
-/// otherwise the last `:` separates them, and no `:` means no port.
+/// Split a `server` name into (host, port) exactly as `ngx_http_upstream_init_chash` does:
+/// a case-insensitive `unix:` prefix means "host = the path, no port"; otherwise the name is
+/// scanned backwards over ASCII digits, and only if that run of digits is preceded by `:`
+/// is it the port. So `"10.0.0.1:80"` splits, while `"backend"`, `"[::1]"` (an IPv6
+/// address without a port) and `"a:b"` have no port and hash whole. `"host:"` has an
+/// empty port.
 fn split_host_port(name: &[u8]) -> (&[u8], &[u8]) {
     if name.len() >= 5 && name[..5].eq_ignore_ascii_case(b"unix:") {
         return (&name[5..], b"");
     }
-    match name.iter().rposition(|&c| c == b':') {
-        Some(i) => (&name[..i], &name[i + 1..]),
-        None => (name, b""),
+    let digits = name.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+    let colon = name.len() - digits;
+    if colon > 0 && name[colon - 1] == b':' {
+        (&name[..colon - 1], &name[colon..])
+    } else {
+        (name, b"")
     }
 }
 
@@ -178,6 +195,8 @@ pub struct Ring {
     hashes: Vec<u32>,
     /// `owners[i]` is the node index owning `hashes[i]`.
     owners: Vec<u32>,
+    /// Node weights, in input order (for bounded loads).
+    weights: Vec<u32>,
     /// Number of nodes the ring was built from.
     node_count: usize,
 }
@@ -234,6 +253,7 @@ impl Ring {
         Ok(Ring {
             hashes,
             owners,
+            weights: nodes.iter().map(|(_, w)| *w).collect(),
             node_count: nodes.len(),
         })
     }
@@ -278,44 +298,80 @@ impl Ring {
     /// the failover order. The result has `min(n, len())` entries unless some node lost
     /// every point to hash collisions (then it is absent from every walk).
     pub fn lookup_n(&self, key: &[u8], n: usize) -> Vec<usize> {
-        let want = n.min(self.node_count);
-        let mut out = Vec::with_capacity(want);
-        if want == 0 {
-            return out;
-        }
-        if want <= 8 {
-            for node in self.walk(key) {
-                if !out.contains(&node) {
-                    out.push(node);
-                    if out.len() == want {
-                        break;
-                    }
-                }
-            }
-        } else {
-            let mut seen = vec![false; self.node_count];
-            for node in self.walk(key) {
-                if !seen[node] {
-                    seen[node] = true;
-                    out.push(node);
-                    if out.len() == want {
-                        break;
-                    }
-                }
-            }
-        }
-        out
+        first_distinct(self.walk(key), n, self.node_count)
+    }
+
+    /// Bounded-load lookup (see [`crate::bounded`]): the first node along `key`'s walk whose
+    /// in-flight load is below `ceil(factor * (sum(loads) + 1) * weight / sum(weights))`.
+    /// With loads that are all zero, or a generous factor, this is [`Ring::lookup`].
+    ///
+    /// Errors: [`BoundedError::LoadsLength`] unless `loads.len() == len()`,
+    /// [`BoundedError::BadFactor`] for a factor outside `[1, 1e6]` or NaN.
+    pub fn lookup_bounded(
+        &self,
+        key: &[u8],
+        loads: &[u64],
+        factor: f64,
+    ) -> Result<usize, BoundedError> {
+        let cap = Capacity::new(loads, &self.weights, factor)?;
+        let start = self.start(key);
+        Ok(cap.pick(self.walk_from(start), self.owners[start] as usize))
+    }
+
+    /// Node weights, in input order.
+    pub fn weights(&self) -> &[u32] {
+        &self.weights
     }
 
     /// Iterate over the owners of every point once, clockwise from the owner of `key`
     /// (nodes repeat; pingora's `node_iter`).
     pub fn walk(&self, key: &[u8]) -> Walk<'_> {
+        self.walk_from(self.start(key))
+    }
+
+    fn walk_from(&self, pos: usize) -> Walk<'_> {
         Walk {
             ring: self,
-            pos: self.start(key),
+            pos,
             left: self.hashes.len(),
         }
     }
+}
+
+/// The first `min(n, node_count)` distinct nodes of `walk`, in order (the failover order of
+/// a ring walk or a Maglev table walk).
+pub(crate) fn first_distinct<I: Iterator<Item = usize>>(
+    walk: I,
+    n: usize,
+    node_count: usize,
+) -> Vec<usize> {
+    let want = n.min(node_count);
+    let mut out = Vec::with_capacity(want);
+    if want == 0 {
+        return out;
+    }
+    if want <= 8 {
+        for node in walk {
+            if !out.contains(&node) {
+                out.push(node);
+                if out.len() == want {
+                    break;
+                }
+            }
+        }
+    } else {
+        let mut seen = vec![false; node_count];
+        for node in walk {
+            if !seen[node] {
+                seen[node] = true;
+                out.push(node);
+                if out.len() == want {
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Iterator returned by [`Ring::walk`].
@@ -401,6 +457,15 @@ mod tests {
         );
         assert_eq!(split_host_port(b"[::1]:80"), (&b"[::1]"[..], &b"80"[..]));
         assert_eq!(split_host_port(b"backend"), (&b"backend"[..], &b""[..]));
+        // Only a trailing `:<digits>` is a port (nginx scans back over digits, then wants `:`).
+        assert_eq!(split_host_port(b"[::1]"), (&b"[::1]"[..], &b""[..]));
+        assert_eq!(split_host_port(b"a:b"), (&b"a:b"[..], &b""[..]));
+        assert_eq!(split_host_port(b"a:8b0"), (&b"a:8b0"[..], &b""[..]));
+        assert_eq!(split_host_port(b"host:"), (&b"host"[..], &b""[..]));
+        assert_eq!(split_host_port(b":80"), (&b""[..], &b"80"[..]));
+        assert_eq!(split_host_port(b"8080"), (&b"8080"[..], &b""[..]));
+        assert_eq!(split_host_port(b""), (&b""[..], &b""[..]));
+        assert_eq!(split_host_port(b"unix:"), (&b""[..], &b""[..]));
         assert_eq!(
             split_host_port(b"UNIX:/tmp/a.sock"),
             (&b"/tmp/a.sock"[..], &b""[..])
@@ -573,6 +638,113 @@ mod tests {
             ((moved as f64) - expected).abs() / expected < 0.10,
             "moved {moved}"
         );
+    }
+
+    #[test]
+    fn bounded_lookup_is_the_plain_lookup_until_the_owner_is_full() {
+        let ring = Ring::new(&names(5), 160).unwrap();
+        let idle = vec![0u64; 5];
+        for k in keys(500) {
+            assert_eq!(
+                ring.lookup_bounded(&k, &idle, 1.25).unwrap(),
+                ring.lookup(&k)
+            );
+            // Owner over capacity (total 20 + 1, 1.25 * 21 / 5 -> 6): the next node of the walk.
+            let walk = ring.lookup_n(&k, 5);
+            let mut loads = vec![0u64; 5];
+            loads[walk[0]] = 20;
+            assert_eq!(ring.lookup_bounded(&k, &loads, 1.25).unwrap(), walk[1]);
+            // A huge factor never spills.
+            assert_eq!(ring.lookup_bounded(&k, &loads, 1000.0).unwrap(), walk[0]);
+        }
+        assert!(ring.lookup_bounded(b"k", &[0; 4], 1.25).is_err());
+        assert!(ring.lookup_bounded(b"k", &idle, 0.5).is_err());
+    }
+
+    #[test]
+    fn bounded_lookup_keeps_every_load_under_the_bound() {
+        let ring = Ring::new(&names(8), 160).unwrap();
+        let mut loads = vec![0u64; 8];
+        // A skewed stream: one key in three is the same hot key.
+        for (i, k) in keys(8000).iter().enumerate() {
+            let key: &[u8] = if i % 3 == 0 { b"hot" } else { k };
+            let node = ring.lookup_bounded(key, &loads, 1.25).unwrap();
+            loads[node] += 1;
+            let total: u64 = loads.iter().sum();
+            let bound = (1.25 * total as f64 / 8.0).ceil() as u64 + 1;
+            assert!(loads[node] <= bound, "{loads:?}");
+        }
+    }
+
+    /// Replays `tests/golden/nginx_hash/*.json`, captured from a real nginx by
+    /// `tests/golden/nginx_hash/capture.py` (the Python suite replays them too).
+    #[test]
+    fn nginx_captured_json_traces() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/golden/nginx_hash");
+        let mut files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let (nodes, down, rows) = parse_trace(&text);
+            let ring = Ring::new(&nodes, DEFAULT_POINTS_PER_WEIGHT).unwrap();
+            for (key, up, when_down) in &rows {
+                assert_eq!(ring.lookup(key.as_bytes()), *up, "{path:?} key {key:?}");
+                if let (Some(d), Some(w)) = (down, when_down) {
+                    let failover = ring.walk(key.as_bytes()).find(|&i| i != d).unwrap();
+                    assert_eq!(failover, *w, "{path:?} key {key:?} with node {d} down");
+                }
+            }
+            assert!(rows.len() >= 1000, "{path:?}");
+            files += 1;
+        }
+        assert!(files >= 3, "no traces in {dir:?}");
+    }
+
+    type Trace = (
+        Vec<(String, u32)>,
+        Option<usize>,
+        Vec<(String, usize, Option<usize>)>,
+    );
+
+    /// A parser for exactly the layout capture.py writes (one value per line, ASCII keys
+    /// without quotes or backslashes), so the crate needs no JSON dependency.
+    fn parse_trace(text: &str) -> Trace {
+        let mut nodes = Vec::new();
+        let mut down = None;
+        let mut rows = Vec::new();
+        let mut in_rows = false;
+        for line in text.lines() {
+            let line = line.trim().trim_end_matches(',');
+            if let Some(v) = line.strip_prefix("\"nodes\": ") {
+                for pair in v
+                    .trim_start_matches("[[")
+                    .trim_end_matches("]]")
+                    .split("], [")
+                {
+                    let (name, w) = pair.rsplit_once(", ").unwrap();
+                    nodes.push((name.trim_matches('"').to_string(), w.parse().unwrap()));
+                }
+            } else if let Some(v) = line.strip_prefix("\"down\": ") {
+                down = v.parse().ok();
+            } else if line == "\"rows\": [" {
+                in_rows = true;
+            } else if in_rows && line.starts_with("[\"") {
+                let inner = &line[1..line.len() - 1];
+                let close = inner[1..].find('"').unwrap() + 1;
+                let key = inner[1..close].to_string();
+                let nums: Vec<usize> = inner[close + 1..]
+                    .split(',')
+                    .filter(|s| !s.trim().is_empty())
+                    .map(|s| s.trim().parse().unwrap())
+                    .collect();
+                rows.push((key, nums[0], nums.get(1).copied()));
+            }
+        }
+        (nodes, down, rows)
     }
 
     /// Owners observed from a real nginx 1.22.1 (`hash $arg_k consistent` over the four

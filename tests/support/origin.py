@@ -38,6 +38,9 @@ class Origin:
         self.port = port
         self.requests: list[tuple[bytes, bytes, list, bytes]] = []
         self.served: dict[str, int] = {}  # full responses per path (/cacheable)
+        # switches a test may flip at any time: every request gets this status / delay
+        self.force_status: int | None = None
+        self.force_delay_ms: int = 0
         self.raw: list[bytearray] = []
         self.connections = 0
         self._loop = asyncio.new_event_loop()
@@ -136,6 +139,10 @@ class Origin:
         path = url.path
         send = lambda ev: writer.write(conn.send(ev))  # noqa: E731
         hdrs = [("X-Origin", self.name)]
+        if self.force_delay_ms:
+            await asyncio.sleep(self.force_delay_ms / 1000)
+        if self.force_status is not None:
+            path = f"/status/{self.force_status}"
         if path.startswith("/delay"):
             await asyncio.sleep(int(q.get("ms", "1000")) / 1000)
         if path.startswith("/status/"):

@@ -80,6 +80,28 @@ def test_keys_must_be_bytes(ring_cls):
         ring.lookup_many([b"ok", "text"])
 
 
+@pytest.mark.parametrize("name, host, port", [
+    (b"127.0.0.1:8081", b"127.0.0.1", b"8081"),
+    (b"[::1]:80", b"[::1]", b"80"),
+    (b"backend", b"backend", b""),
+    (b"UNIX:/tmp/a.sock", b"/tmp/a.sock", b""),
+    # nginx scans back over digits and wants ':' right before them; otherwise no port.
+    (b"[::1]", b"[::1]", b""),
+    (b"a:b", b"a:b", b""),
+    (b"a:8b0", b"a:8b0", b""),
+    (b"host:", b"host", b""),
+    (b"8080", b"8080", b""),
+])
+def test_host_port_split_is_nginxs(name, host, port):
+    assert _ring_py._split_host_port(name) == (host, port)
+
+
+def test_names_without_a_port_hash_whole_in_both_twins():
+    # "[::1]" must not be split at its last ':' (that would hash host "[:", port ":1]").
+    nodes = [("[::1]", 1), ("a:b", 2), ("backend", 1), ("10.0.0.1:80", 1)]
+    assert RUST(nodes).lookup_many(KEYS[:3000]) == _ring_py.Ring(nodes).lookup_many(KEYS[:3000])
+
+
 # --------------------------------------------------------------------------- lookups
 
 def test_deterministic(ring_cls):

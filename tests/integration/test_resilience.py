@@ -1,0 +1,157 @@
+"""Load balancing and resilience on a running dispa-server with real origins: circuit
+breakers, outlier ejection, the retry budget, consistent hashing across reloads and
+endpoint removal, and latency-aware balancing."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from tests.support.dispa_proc import free_port, http_get
+
+
+def wait_for(cond, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def breaker_states(d, endpoint_id):
+    st = d.status()
+    out = []
+    for worker in st["resilience"].values():
+        for cluster in worker.values():
+            eps = cluster.get("breakers", {}).get("endpoints", [])
+            out += [e["state"] for e in eps if e.get("id", endpoint_id) == endpoint_id]
+    return out
+
+
+def endpoint_id(origin) -> str:
+    return origin.url.removeprefix("http://")
+
+
+def test_a_failing_endpoint_trips_its_breaker_then_recovers(dispa, origins):
+    good, bad = origins("origin-good"), origins("origin-bad")
+    bad.force_status = 500
+    extra = '''
+[targets.circuit_breaker]
+failure_threshold = 3
+recovery_time = 1.0
+half_open_requests = 1
+'''
+    d = dispa(targets=[("good", good.url), ("bad", bad.url)], extra=extra)
+    statuses = [http_get(d.port, "/")[0] for _ in range(12)]
+    # round robin sends every other request to "bad" until its breaker opens after 3
+    assert statuses.count(500) == 3, statuses
+    n_bad = len(bad.requests)
+    assert all(http_get(d.port, "/")[0] == 200 for _ in range(10))
+    assert len(bad.requests) == n_bad  # open: no request reaches it
+    st = d.status()
+    snap = next(iter(st["resilience"].values()))["default"]["breakers"]["endpoints"]
+    assert [e["state"] for e in snap] == ["closed", "open"], snap
+    _, metrics = d.admin_get("/metrics")
+    assert f'dispa_circuit_breaker_open{{cluster="default",endpoint="{endpoint_id(bad)}"}} 1' \
+        in metrics.decode()
+    # the endpoint heals; after recovery_time one probe goes through and closes the breaker
+    bad.force_status = None
+    time.sleep(1.1)  # recovery_time is the behaviour under test: let it elapse
+    wait_for(lambda: http_get(d.port, "/")[0] == 200 and len(bad.requests) > n_bad,
+             what="a probe to reach the healed endpoint")
+    for _ in range(6):
+        assert http_get(d.port, "/")[0] == 200
+    assert len(bad.requests) >= n_bad + 3  # back in rotation
+    snap = next(iter(d.status()["resilience"].values()))["default"]["breakers"]["endpoints"]
+    assert snap[1]["state"] == "closed"
+
+
+def test_outlier_ejection_grows_with_each_ejection(dispa, origins):
+    good, bad = origins("origin-good"), origins("origin-bad")
+    bad.force_status = 503
+    extra = '''
+[targets.outlier_detection]
+consecutive_5xx = 2
+base_ejection_time = 0.5
+max_ejection_time = 10
+max_ejection_percent = 50
+'''
+    d = dispa(targets=[("good", good.url), ("bad", bad.url)], extra=extra)
+    statuses = [http_get(d.port, "/")[0] for _ in range(8)]
+    assert statuses.count(503) == 2, statuses
+    n = len(bad.requests)
+    wait_for(lambda: (http_get(d.port, "/"), len(bad.requests) > n)[1], timeout=5,
+             what="un-ejection after base_ejection_time")
+    # ejected again after two more 503s, now for twice as long
+    for _ in range(4):
+        http_get(d.port, "/")
+    snap = next(iter(d.status()["resilience"].values()))["default"]["outlier"]
+    assert snap["endpoints"][1]["times_ejected"] == 2, snap
+    assert snap["endpoints"][1]["multiplier"] == 2
+
+
+def test_retries_stop_when_the_retry_budget_is_spent(dispa, origin):
+    dead = f"http://127.0.0.1:{free_port()}"
+    with_budget = '''
+[targets.retry_budget]
+type = "concurrent"
+budget_percent = 0.0
+min_retry_concurrency = 0
+'''
+    d = dispa(targets=[("dead", dead), ("a", origin.url)], extra=with_budget)
+    first = [http_get(d.port, "/")[0] for _ in range(2)]
+    assert 502 in first, first  # the connect failure was not retried: no budget
+    d2 = dispa(targets=[("dead", dead), ("a", origin.url)])
+    assert [http_get(d2.port, "/")[0] for _ in range(2)] == [200, 200]  # retried
+
+
+def test_consistent_hash_keeps_keys_across_a_reload_and_moves_few_on_removal(
+        dispa, origins):
+    o = [origins(f"origin-{i}") for i in range(4)]
+    lb = '''
+[targets.load_balancing]
+type = "consistent_hash"
+hash_key = "header:x-user"
+'''
+    targets = [(f"e{i}", x.url) for i, x in enumerate(o)]
+    d = dispa(targets=targets, lb="consistent_hash", extra="")
+    text = d.config_path.read_text().replace('type = "consistent_hash"',
+                                             'type = "consistent_hash"\nhash_key = "header:x-user"')
+    d.config_path.write_text(text)
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.status()["reloads"]["ok"] >= 1, what="reload")
+    users = [f"user-{i}" for i in range(200)]
+
+    def owners():
+        return {u: http_get(d.port, "/", headers={"x-user": u})[1]["x-origin"] for u in users}
+
+    before = owners()
+    assert len(set(before.values())) == 4
+    assert owners() == before  # stable
+    d.config_path.write_text(d.config_path.read_text() + "\n# touch\n")
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.status()["reloads"]["ok"] >= 2, what="second reload")
+    assert owners() == before  # stable across a reload
+    # remove origin-3: only its keys move
+    text = d.config_path.read_text()
+    cut = text.index('[[targets.targets]]\nname = "e3"')
+    end = text.index("\n\n", cut)
+    d.config_path.write_text(text[:cut] + text[end + 2:])
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: d.status()["reloads"]["ok"] >= 3, what="third reload")
+    after = owners()
+    moved = [u for u in users if after[u] != before[u]]
+    assert all(before[u] == "origin-3" for u in moved)
+    assert {u for u in users if before[u] == "origin-3"} == set(moved)
+    assert len(moved) < 0.4 * len(users)
+
+
+def test_peak_ewma_prefers_the_fast_endpoint(dispa, origins):
+    fast, slow = origins("origin-fast"), origins("origin-slow")
+    slow.force_delay_ms = 60
+    d = dispa(targets=[("fast", fast.url), ("slow", slow.url)], lb="peak_ewma")
+    for _ in range(60):
+        assert http_get(d.port, "/")[0] == 200
+    assert len(slow.requests) < 0.3 * 60, (len(fast.requests), len(slow.requests))
