@@ -98,6 +98,7 @@ def compile_pipeline(config: m.Config) -> PipelineSpec:
         apply_before_domain_match=plugins_cfg.apply_before_domain_match,
         routing=msgspec.to_builtins(routing) if has_rules else None,
         routing_log=bool(routing is not None and routing.enable_logging),
+        geo=_plain(getattr(config, "geo", None)),
     )
 
 

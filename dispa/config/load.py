@@ -852,10 +852,13 @@ def _check(ctx: _Context) -> None:
     if plugins is not None:
         from dispa.plugins.registry import check_plugins
         check_plugins(plugins, ctx.issue)
+    geo = ctx.built.get(("geo",))
+    if geo is not None:
+        _check_geo(geo, {"default"} | set(seen), ctx)
     routing = ctx.built.get(("routing",))
     if routing is not None:
         from dispa.config.routing_model import check_routing
-        targets = {"default"} | set(seen)
+        targets = {"default"} | set(seen) | ({"@geo"} if geo is not None else set())
         cluster = ctx.built.get(("targets",))
         if cluster is not None:
             targets |= {e.name for e in cluster.endpoints}
@@ -864,6 +867,20 @@ def _check(ctx: _Context) -> None:
     monitoring = ctx.built.get(("monitoring",))
     if monitoring is not None:
         _check_monitoring(monitoring, server, ctx)
+
+
+def _check_geo(geo, groups: set[str], ctx: _Context) -> None:
+    """The database opens and validates; every region's target is a target group."""
+    from dispa.balancer.geo import GeoDatabase, GeoDatabaseError
+    try:
+        GeoDatabase(geo.database).close()
+    except GeoDatabaseError as exc:
+        ctx.issue(str(exc), ("geo", "database"))
+    for n, region in enumerate(geo.regions):
+        if region.target not in groups:
+            ctx.issue(f"region {region.name!r}: target {region.target!r} is not a target "
+                      f"group{_did_you_mean(region.target, sorted(groups))}",
+                      ("geo", "regions", n, "target"))
 
 
 def _check_server(server: m.ServerConfig, ctx: _Context) -> None:

@@ -271,6 +271,7 @@ class MonitoringConfig(_Table):
 # ---------------------------------------------------------------- top level
 
 from dispa.config.routing_model import RoutingConfig  # noqa: E402 - needs _Table above
+from dispa.balancer.geo import GeoRouterConfig  # noqa: E402
 
 class Config(_Table):
     """The whole file."""
@@ -281,5 +282,6 @@ class Config(_Table):
     target_groups: list[TargetGroupConfig] = msgspec.field(default_factory=list)
     plugins: PluginsConfig = PluginsConfig()
     routing: RoutingConfig = RoutingConfig()
+    geo: Optional[GeoRouterConfig] = None
     logging: LoggingConfig = LoggingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()

@@ -161,6 +161,7 @@ class PipelineSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     apply_before_domain_match: bool = True  # global request hooks run before interception
     routing: Any = None  # config.routing_model.RoutingConfig, or None without rules
     routing_log: bool = False  # log each routing decision ([routing] enable_logging)
+    geo: Any = None  # balancer.geo.GeoRouterConfig as plain data: the "@geo" target
 
 
 class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -28,6 +28,7 @@ from dispa.plugins.api import BuildContext, Headers, Request, Response, Response
 from dispa.plugins.chain import (
     EMPTY_CHAIN, Chain, StatsRegistry, call_async, call_sync, compile_chain, run_body, run_log,
 )
+from dispa.balancer.geo import client_ip as forwarded_client
 from dispa.routing.vhost import normalize_host
 
 log = logging.getLogger("dispa.routing")
@@ -106,6 +107,10 @@ class Pipeline:
         # Global request hooks may run for hosts that interception would reject.
         self.before_intercept = spec.apply_before_domain_match and bool(
             self.global_chain.on_request)
+        self.geo = None
+        if spec.geo is not None and self.routes is not None:
+            from dispa.balancer.geo import GeoRouter, GeoRouterConfig
+            self.geo = GeoRouter(msgspec.convert(spec.geo, GeoRouterConfig))
         self.trivial = self.routes is None and self.global_chain.empty
         self.hostnames: dict[bytes, str] = {}  # raw Host -> normalised, bounded memo
         self._rnd = random.random
@@ -121,6 +126,13 @@ class Pipeline:
                 flt.close()
             except Exception as exc:  # noqa: BLE001 - closing must not stop the swap
                 log.warning("closing plugin failed: %s", exc)
+
+    def geo_target(self, req) -> str:
+        """The first usable target group for the client's location ([geo] regions)."""
+        clusters = self.runtime.clusters
+        choice = self.geo.choose(req.client_ip, lambda t: t in clusters and clusters[t].usable())
+        req.ctx["geo"] = choice.reason
+        return choice[0] if choice else ""
 
     def purge_cache(self, prefix: str | None, key: str | None, plugin: str | None) -> int:
         """Purge in every filter that has a cache (``purge``/``purge_key``); the count of
@@ -143,6 +155,12 @@ class Pipeline:
         ``target`` the origin-form target. Returns None for "nothing to do"."""
         if self.trivial:
             return None
+        trusted = self.runtime.trusted
+        if trusted._nets and trusted.contains(client_ip):
+            # behind a trusted proxy: the client is the right-most untrusted XFF hop
+            xff = b", ".join([v for k, v in head.headers if k.lower() == b"x-forwarded-for"])
+            if xff:
+                client_ip = forwarded_client(client_ip, xff, trusted.contains)
         plan = Plan(self, session, head, host, target, intercepted, client_ip, rid)
         if self.any_async:
             plan.task = asyncio.ensure_future(plan.request_phase_async())
@@ -277,8 +295,10 @@ class Plan:
                     target, percent = route.mirror
                     if percent >= 100.0 or p._rnd() * 100.0 < percent:
                         self.mirror = p.mirrors.begin(rt.clusters.get(target), target)
-            elif p.default_target:
+            else:
                 name = p.default_target
+        if name == "@geo":
+            name = p.geo_target(req)
         if name:
             cluster = rt.clusters.get(name)
             if cluster is None:

@@ -90,6 +90,13 @@ class ClusterRuntime:
         self.down_until[i] = time.monotonic() + PASSIVE_DOWN_SECONDS
         self._all_up = False
 
+    def usable(self) -> bool:
+        """Some endpoint is healthy and not passively marked down (geo failover)."""
+        if self._all_up:
+            return True
+        now = time.monotonic()
+        return any(h and d <= now for h, d in zip(self.healthy, self.down_until))
+
     def health_view(self) -> list[bool] | None:
         """None when every endpoint is usable (the selector's fast path), else a mask.
 

@@ -306,3 +306,67 @@ prefix = "/api"
     d = start(dispa, three, rules)
     assert http_get(d.port, "/api")[1]["x-origin"] == "origin-api"
     assert http_get(d.port, "/x")[1]["x-origin"] == "origin-canary"
+
+
+GEO_DB = __import__("pathlib").Path(__file__).resolve().parents[3] / "shared" / "data" / \
+    "maxmind" / "test-data" / "GeoIP2-City-Test.mmdb"
+
+
+def test_geo_routing_sends_clients_to_their_region_and_fails_over(dispa, origins):
+    eu, us = origins("origin-eu"), origins("origin-us")
+    rules = groups(eu=eu, us=us) + f'''
+[geo]
+database = "{GEO_DB}"
+failover = ["eu", "us"]
+
+[[geo.regions]]
+name = "eu"
+target = "eu"
+countries = ["GB", "SE"]
+latitude = 51.5
+longitude = -0.1
+
+[[geo.regions]]
+name = "us"
+target = "us"
+continents = ["NA"]
+
+[routing]
+default_target = "@geo"
+'''
+    d = dispa(targets=[("d", eu.url)], extra=rules, server_extra='trusted_proxies = ["127.0.0.1/32"]')
+
+    def region(ip):
+        return http_get(d.port, "/", headers={"x-forwarded-for": ip})[1]["x-origin"]
+
+    assert region("81.2.69.142") == "origin-eu"     # London, GB (MaxMind test data)
+    assert region("89.160.20.112") == "origin-eu"   # Linkoping, SE
+    assert region("216.160.83.56") == "origin-us"   # Milton, US
+    assert region("10.1.2.3") == "origin-eu"        # unknown: failover order
+    # the EU region goes down: London fails over to the next region
+    eu.stop()
+    http_get(d.port, "/", headers={"x-forwarded-for": "81.2.69.142"})  # marks it down
+    assert region("81.2.69.142") == "origin-us"
+
+
+def test_a_corrupt_geo_database_is_refused_at_load(tmp_path):
+    from dispa.config.load import load_config_text
+    from dispa.errors import ConfigError
+
+    bad = GEO_DB.parents[1] / "bad-data" / "maxminddb-golang" / "cyclic-data-structure.mmdb"
+    if not bad.exists():
+        bad = next((GEO_DB.parents[1] / "bad-data").rglob("*.mmdb"))
+    text = f'''
+[[targets.targets]]
+name = "a"
+url = "http://127.0.0.1:9"
+
+[geo]
+database = "{bad}"
+[[geo.regions]]
+name = "r"
+target = "default"
+'''
+    with pytest.raises(ConfigError) as err:
+        load_config_text(text, fmt="toml", name="g.toml")
+    assert "geo.database" in str(err.value) and "GeoIP database" in str(err.value)

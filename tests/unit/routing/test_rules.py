@@ -189,7 +189,8 @@ def test_header_names_are_case_insensitive_and_any_field_line_may_match():
 
 def test_header_presence_and_absence():
     t = table({"name": "needs", "conditions": {"headers": [{"name": "authorization"}]}},
-              {"name": "absent", "conditions": {"headers": [{"name": "cookie", "present": False}]}})
+              {"name": "absent",
+               "conditions": {"headers": [{"name": "cookie", "present": False}]}})
     assert name(t, headers=[(b"Authorization", b"x")]) == "needs"
     assert name(t, headers=[(b"Cookie", b"a=1")]) is None
     assert name(t, headers=[]) == "absent"

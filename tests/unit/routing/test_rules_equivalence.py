@@ -174,7 +174,8 @@ def rules(draw):
                                            max_size=2))
         if draw(st.integers(0, 6)) == 0:
             cond["client_ip"] = draw(st.lists(st.sampled_from(NETWORKS), min_size=1, max_size=2))
-        for key, names in (("headers", ["x-env", "X-Env", "accept"]), ("query_params", ["v", "q"])):
+        for key, names in (("headers", ["x-env", "X-Env", "accept"]),
+                           ("query_params", ["v", "q"])):
             if draw(st.integers(0, 5)) == 0:
                 items = []
                 for _ in range(draw(st.integers(1, 2))):
