@@ -116,6 +116,7 @@ cdef class Session:
     cdef tuple ep_timeouts     # of self.cluster's endpoints
     cdef tuple ep_ids
     cdef object _stash_rh      # a response head waiting for async response hooks
+    cdef object set_cookie     # sticky cookie to add to the response (bytes) or None
 
     cdef int _reset_exchange(self) except -1
     cdef int _set_cluster(self, object cluster) except -1

@@ -304,6 +304,7 @@ cdef class Session:
         self.ep_timeouts = None
         self.ep_ids = None
         self._stash_rh = None
+        self.set_cookie = None
         return 0
 
     cdef int _set_cluster(self, object cluster) except -1:
@@ -670,6 +671,8 @@ cdef class Session:
         cdef Pool pool
         cdef UpstreamConnection conn
         i = cluster.pick(self.peer_ip, self.tried, self.head)
+        if cluster.tracks and cluster.sticky_policy is not None:
+            self.set_cookie = cluster.take_cookie()
         if i < 0:
             self._respond_local(503, b"upstream circuit open\n" if i == -2 else
                                 b"no upstream endpoint available\n", not self.req_complete)
@@ -1008,7 +1011,8 @@ cdef class Session:
     cdef int _emit_response_head(self, ResponseHead rh, ResponseParser parser, int status,
                                  bytes reason, list headers) except -1:
         cdef RequestHead head = self.head
-        cdef Field f[3]
+        cdef Field f[4]
+        cdef bytes cookie = self.set_cookie
         cdef Py_ssize_t nf = 0, tail_n = 0
         cdef char cl_digits[24]
         cdef const char* tail = NULL
@@ -1051,6 +1055,10 @@ cdef class Session:
         if PyBytes_GET_SIZE(self.rid):
             _field(&f[nf], b"X-Request-Id", 12, PyBytes_AS_STRING(self.rid),
                    PyBytes_GET_SIZE(self.rid))
+            nf += 1
+        if cookie is not None and status != 101:
+            _field(&f[nf], b"Set-Cookie", 10, PyBytes_AS_STRING(cookie),
+                   PyBytes_GET_SIZE(cookie))
             nf += 1
         if self.resp_mode == R_LENGTH:
             # Rule 3: the body bytes already buffered go out in the same bytes object

@@ -209,6 +209,7 @@ def compile_cluster(cluster: m.ClusterConfig, *, name: str = DEFAULT_CLUSTER,
         group_breaker=_plain(cluster.group_breaker),
         outlier=_plain(cluster.outlier_detection),
         retry_budget=_plain(cluster.retry_budget),
+        sticky=_plain(cluster.sticky),
     )
 
 

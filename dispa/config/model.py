@@ -35,6 +35,7 @@ from msgspec import Meta
 from dispa.balancer.breaker import BreakerConfig, GroupBreakerConfig
 from dispa.balancer.outlier import OutlierConfig
 from dispa.balancer.retry_budget import RetryBudgetConfig
+from dispa.balancer.sticky import StickyConfig
 
 # Shared value types. Durations are seconds (int or float); the upper bound only catches
 # typos such as a value in milliseconds.
@@ -188,6 +189,9 @@ class ClusterConfig(_Table):
     group_breaker: Optional[GroupBreakerConfig] = None
     outlier_detection: Optional[OutlierConfig] = None
     retry_budget: Optional[RetryBudgetConfig] = None
+    # Sticky sessions by signed cookie, client IP or header (sticky_sessions = true in
+    # [targets.load_balancing] is the original client-IP affinity).
+    sticky: Optional[StickyConfig] = None
 
 
 class TargetGroupConfig(ClusterConfig, kw_only=True):

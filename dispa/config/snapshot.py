@@ -83,6 +83,7 @@ class ClusterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     group_breaker: Any = None
     outlier: Any = None
     retry_budget: Any = None
+    sticky: Any = None  # balancer.sticky.StickyConfig as plain data
 
 
 class InterceptSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

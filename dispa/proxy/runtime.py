@@ -22,6 +22,7 @@ from dispa.balancer.ewma import PeakEwma
 from dispa.balancer.hash_key import compile_hash_key
 from dispa.balancer.outlier import OutlierConfig, OutlierDetector
 from dispa.balancer.retry_budget import RetryBudgetConfig, build_retry_budget
+from dispa.balancer.sticky import StickyConfig, StickyPolicy
 from dispa.config.snapshot import ClusterSpec, Snapshot
 from dispa.proxy.forwarding import FORWARDING_HEADERS, TrustedProxies
 from dispa.plugins.chain import StatsRegistry
@@ -40,7 +41,8 @@ class ClusterRuntime:
 
     __slots__ = ("name", "spec", "endpoints", "selector", "pools", "healthy", "down_until",
                  "_all_up", "sticky", "ep_timeouts", "ep_ids", "hash_key", "tracks",
-                 "breakers", "outlier", "budget", "observe", "_pick")
+                 "breakers", "outlier", "budget", "observe", "_pick", "sticky_policy",
+                 "cookie")
 
     def __init__(self, spec: ClusterSpec, state: "WorkerState"):
         self.name = spec.name
@@ -69,8 +71,15 @@ class ClusterRuntime:
                                                           RetryBudgetConfig))
                        if spec.retry_budget is not None else None)
         self.observe = getattr(self.selector, "observe", None)  # latency-aware selectors
+        self.sticky_policy = None
+        self.cookie = None  # Set-Cookie of the last pick (taken by the session at once)
+        if spec.sticky is not None:
+            self.sticky_policy = StickyPolicy(msgspec.convert(spec.sticky, StickyConfig),
+                                              [e.id for e in spec.endpoints],
+                                              [e.weight for e in spec.endpoints])
         # tracks: the session reports outcomes (pick/report below take the slow path)
-        self.tracks = bool(self.breakers or self.outlier or self.budget or self.observe)
+        self.tracks = bool(self.breakers or self.outlier or self.budget or self.observe
+                           or self.sticky_policy)
         self._pick = self._pick_guarded if self.tracks else self._pick_plain
 
     def set_health(self, endpoint_id: str, healthy: bool) -> None:
@@ -141,6 +150,14 @@ class ClusterRuntime:
         if view is not None and not any(view):
             return -1  # every endpoint's breaker is open (or ejected): fail fast
         key = self._key(client_ip, head)
+        policy = self.sticky_policy
+        if policy is not None and not exclude:
+            i = self._sticky_choose(policy, view, key, client_ip, head)
+            if i >= 0 and (breakers is None or breakers.allow_endpoint(i, now)):
+                if self.budget is not None:
+                    self.budget.deposit(now)
+                return i
+            self.cookie = None
         tried = set(exclude) if exclude else set()
         for _ in range(len(self.endpoints)):
             if tried:
@@ -154,6 +171,27 @@ class ClusterRuntime:
         if i >= 0 and self.budget is not None and not exclude:
             self.budget.deposit(now)
         return i
+
+    def _sticky_choose(self, policy, view, key, client_ip: str, head) -> int:
+        cfg = policy.config
+        cookie = header = None
+        if head is not None:
+            if cfg.mode == "cookie":
+                cookie = b"; ".join([v for k, v in head.headers if k.lower() == b"cookie"]
+                                    ).decode("latin-1") or None
+            elif cfg.mode == "header":
+                want = cfg.header_name.lower().encode("latin-1")
+                header = next((v.decode("latin-1") for k, v in head.headers
+                               if k.lower() == want), None)
+        choice = policy.choose(time.time(), view, lambda h: self.selector.pick(h, key),
+                               client_ip=client_ip, cookie_header=cookie, header_value=header)
+        self.cookie = choice.set_cookie.encode("latin-1") if choice.set_cookie else None
+        return choice.index
+
+    def take_cookie(self) -> bytes | None:
+        """The Set-Cookie value the last pick asked for (sticky cookie mode), once."""
+        c, self.cookie = self.cookie, None
+        return c
 
     def report(self, i: int, status: int, duration: float) -> None:
         """Outcome of one attempt on endpoint ``i``: an HTTP status, or 0 for a failure
@@ -188,6 +226,8 @@ class ClusterRuntime:
             out["outlier"] = self.outlier.snapshot(now)
         if self.budget is not None:
             out["retry_budget"] = self.budget.snapshot(now)
+        if self.sticky_policy is not None:
+            out["sticky"] = self.sticky_policy.snapshot()
         return out
 
     def _pick_plain(self, client_ip: str, exclude, head) -> int:

@@ -145,6 +145,7 @@ class Session(asyncio.Protocol):
         self.resp_filter = False  # the plan has response body hooks
         self._p_args = None  # (target, authority) of the head waiting for the plan
         self._stash_rh = None  # a response head waiting for async response hooks
+        self.set_cookie = None  # sticky cookie to add to the response (bytes) or None
 
     # ------------------------------------------------------------------ accept phase
     def connection_made(self, transport):  # type: ignore[override]
@@ -396,6 +397,8 @@ class Session(asyncio.Protocol):
     def _choose_and_connect(self) -> None:
         cluster = self.cluster
         i = cluster.pick(self.peer_ip, self.tried, self.head)
+        if cluster.tracks and cluster.sticky_policy is not None:
+            self.set_cookie = cluster.take_cookie()
         if i < 0:
             self._respond_local(503, b"upstream circuit open\n" if i == -2 else
                                 b"no upstream endpoint available\n",
@@ -722,6 +725,8 @@ class Session(asyncio.Protocol):
                 extra.append((b"Connection", b"keep-alive"))
         if self.rid:
             extra.append((b"X-Request-Id", self.rid))
+        if self.set_cookie is not None and status != 101:
+            extra.append((b"Set-Cookie", self.set_cookie))
         out.append(proxy_response_head(rh, _DROP_RESPONSE, extra))
         self.resp_started = True
         return 0

@@ -155,3 +155,35 @@ def test_peak_ewma_prefers_the_fast_endpoint(dispa, origins):
     for _ in range(60):
         assert http_get(d.port, "/")[0] == 200
     assert len(slow.requests) < 0.3 * 60, (len(fast.requests), len(slow.requests))
+
+
+def test_sticky_cookie_pins_a_client_and_repins_when_its_endpoint_dies(dispa, origins):
+    a, b = origins("origin-a"), origins("origin-b")
+    extra = '''
+[targets.sticky]
+mode = "cookie"
+cookie_name = "dsticky"
+secrets = ["0123456789abcdef0123456789abcdef"]
+ttl = 600
+'''
+    d = dispa(targets=[("a", a.url), ("b", b.url)], extra=extra)
+    status, headers, _ = http_get(d.port, "/")
+    cookie = headers["set-cookie"]
+    assert cookie.startswith("dsticky=") and "HttpOnly" in cookie
+    pinned = headers["x-origin"]
+    value = cookie.split(";", 1)[0]
+    for _ in range(6):  # round robin alone would alternate; the cookie keeps the pin
+        status, headers, _ = http_get(d.port, "/", headers={"cookie": value})
+        assert status == 200 and headers["x-origin"] == pinned
+        assert "set-cookie" not in headers
+    forged = value[:-2] + ("AA" if not value.endswith("AA") else "BB")
+    _, headers, _ = http_get(d.port, "/", headers={"cookie": forged})
+    assert "set-cookie" in headers  # a forged cookie is ignored and replaced
+    # the pinned endpoint dies: the client is re-pinned with a new cookie
+    (a if pinned == "origin-a" else b).stop()
+    other = "origin-b" if pinned == "origin-a" else "origin-a"
+    seen = []
+    for _ in range(3):
+        status, headers, _ = http_get(d.port, "/", headers={"cookie": value})
+        seen.append((status, headers.get("x-origin"), "set-cookie" in headers))
+    assert (200, other, True) in seen, seen
