@@ -253,6 +253,8 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A template parameter: {name}, name a Python identifier (it becomes a regex group name).
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A redirect goes to an absolute URL or a path on this host (RFC 9110 §10.2.2).
+_LOCATION_START = re.compile(r"/|\{path\}|[A-Za-z][A-Za-z0-9+.-]*://")
 # regex_replace replacement syntax: $$, $1, ${1}, ${name}
 _DOLLAR = re.compile(r"\$(?:(\$)|([0-9]+)|\{([^{}]*)\})")
 
@@ -438,15 +440,16 @@ def _check_rule(rule: RoutingRule, path: tuple, targets: set[str], plugins: set[
                 issue: Issue) -> None:
     actions = rule.actions
     a_path = path + ("actions",)
-    direct = [key for key, value in (("custom_response", actions.custom_response),
-                                     ("redirect", actions.redirect),
-                                     ("split", actions.split)) if value]
-    if len(direct) > 1:
-        issue(f"{' and '.join(direct)} are mutually exclusive: keep one", a_path + (direct[1],))
+    exclusive = [key for key, value in (("custom_response", actions.custom_response),
+                                        ("redirect", actions.redirect),
+                                        ("split", actions.split)) if value]
+    if len(exclusive) > 1:
+        issue(f"{' and '.join(exclusive)} are mutually exclusive: keep one",
+              a_path + (exclusive[1],))
     if rule.target and actions.split:
         issue("target and split are both set: split replaces target, remove one",
               path + ("target",))
-    if not (rule.target or direct):
+    if not (rule.target or exclusive):
         issue("the rule sends nowhere: set target, split, custom_response or redirect",
               path + ("target",))
     if rule.target and rule.target not in targets:
@@ -618,6 +621,9 @@ def _check_redirect(redirect: RedirectConfig, params: set[str] | None, path: tup
     if problem:
         issue(problem, path + ("location",))
         return
+    if not _LOCATION_START.match(location):
+        issue(f"location {location!r} must be an absolute URL (\"https://host/...\") or "
+              "start with \"/\"", path + ("location",))
     known = set(LOCATION_PLACEHOLDERS) | (params or set())
     for name in template_names(location):
         if name not in known:

@@ -51,8 +51,9 @@ WARNING: ``Route._test`` must test every condition that the index does not guara
 condition needs a line there, in the reference matcher of the equivalence test, and in
 ``_is_pure_regex`` (which must then return False for rules that use it).
 
-Measured with perf/micro/bench_routes.py (10,000 rules): about 2-3 us per match on a busy
-2-core CI box, CPython 3.11; figures in docs/routing.md "Performance".
+Measured with perf/micro/bench_routes.py (10,000 rules): 2.4-3.2 us per match in the best
+rounds, 2.5-5 us median, on a busy 2-core box with CPython 3.11; figures in docs/routing.md
+"Performance". Not compiled with Cython yet: the module is plain Python.
 """
 
 from __future__ import annotations
@@ -177,17 +178,17 @@ def _regex_literal_prefix(pattern: str) -> str:
     return "".join(out)
 
 
-def _alternative(pattern: str) -> str | None:
-    """``pattern`` wrapped to be one alternative of a joined pattern, or None when joining
+def _alternative(compiled: re.Pattern) -> str | None:
+    """The pattern wrapped to be one alternative of a joined pattern, or None when joining
     could change what it matches: named groups (names must be unique in the join),
     backreferences (group numbers shift) and global inline flags (they must lead)."""
-    try:
-        compiled = re.compile(pattern)
-        re.compile(f"(?:{pattern})")  # refuses a global inline flag, e.g. "(?i)" inside
-    except (re.error, OverflowError, RecursionError, ValueError):
-        return None
+    pattern = compiled.pattern
     if compiled.groupindex or _BACKREF.search(pattern) or compiled.flags & (
             re.IGNORECASE | re.MULTILINE | re.VERBOSE | re.DOTALL):
+        return None
+    try:
+        re.compile(f"(?:{pattern})")  # refuses a global inline flag, e.g. "(?a)" inside
+    except (re.error, OverflowError, RecursionError, ValueError):
         return None
     return f"(?:{pattern})"
 
@@ -275,8 +276,10 @@ class Route:
         "_regex_params", "_template", "_hosts_cs", "_networks", "_headers", "_query",
         "_simple",
         # compiled actions
-        "_cum", "_total", "_local", "_redirect", "_redirect_status", "_replace", "_strip",
-        "_rr", "_prepend", "_req_edits", "_resp_edits", "_index_prefix", "_pure_regex",
+        "_cum", "_total", "_last", "_local", "_redirect", "_redirect_status", "_replace",
+        "_strip", "_rr", "_prepend", "_req_edits", "_resp_edits",
+        # index keys
+        "_index_prefix", "_pure_regex",
     )
 
     def __init__(self, rule: RoutingRule, order: int):
@@ -310,6 +313,8 @@ class Route:
                 text = pattern.strip().rstrip(".")
                 if text.startswith("*."):
                     suffixes.append(text[1:])  # ".Example.com"
+                elif _parse_ip(text) is not None:  # an address has no case: "[::1]" form
+                    exact.append(host_pattern(text)[0])
                 else:
                     exact.append(text)
             self._hosts_cs = (frozenset(exact), tuple(suffixes))
@@ -344,6 +349,7 @@ class Route:
         weights = [w for _, w in self.split]
         self._cum = tuple(_cumulative(weights))
         self._total = sum(weights)
+        self._last = next((t for t, w in reversed(self.split) if w), "")
         self._local = None
         if a.custom_response is not None:
             r = a.custom_response
@@ -459,9 +465,9 @@ class Route:
         (``""`` for a rule that answers directly)."""
         if not self._total:
             return self.target
-        i = bisect.bisect_right(self._cum, rnd * self._total)
-        split = self.split
-        return split[i][0] if i < len(split) else split[-1][0]
+        i = bisect.bisect_right(self._cum, max(rnd, 0.0) * self._total)
+        # rnd >= 1 (out of contract) falls past the end: the last share that has weight
+        return self.split[i][0] if i < len(self.split) else self._last
 
     def local_response(self, host: str, path: str, query: str, params: dict | None = None
                        ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
@@ -599,8 +605,9 @@ def _query_map(query: str) -> dict[str, list[str]]:
 def _group(routes: list[Route]) -> tuple:
     alternatives: list[tuple[int, str, bool]] = []
     ids: list[int] = []
+    joinable = sum(1 for r in routes if r._pure_regex) >= 2  # one regex alone: no join
     for r in routes:
-        alt = _alternative(r._p_regex.pattern) if r._pure_regex else None
+        alt = _alternative(r._p_regex) if joinable and r._pure_regex else None
         if alt is None:
             ids.append(r.order)
         else:

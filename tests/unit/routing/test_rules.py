@@ -132,6 +132,11 @@ def test_case_sensitive_host_patterns_compare_the_host_as_sent():
     assert name(t, host="x.Dev.io") == "r" and name(t, host="x.dev.io") is None
 
 
+def test_case_sensitive_ip_patterns_match_the_bracketed_host():
+    t = table({"name": "r", "conditions": {"host": {"patterns": ["::1"], "case_sensitive": True}}})
+    assert name(t, host="[::1]:80") == "r"
+
+
 def test_ip_literal_host_patterns():
     t = table({"name": "v4", "conditions": {"host": {"patterns": ["127.0.0.1"]}}},
               {"name": "v6", "conditions": {"host": {"patterns": ["::1"]}}})
@@ -250,6 +255,13 @@ def test_split_picks_by_cumulative_weight_with_a_deterministic_sequence():
     picks = [r.pick_target(i / 1000) for i in range(1000)]
     assert picks.count("canary") == 50 and picks.count("stable") == 950
     assert "off" not in picks
+
+
+def test_a_zero_weight_share_is_never_picked_even_at_the_edges():
+    r = route(target="", actions={"split": [{"target": "off", "weight": 0},
+                                            {"target": "on", "weight": 1},
+                                            {"target": "off2", "weight": 0}]})
+    assert {r.pick_target(x) for x in (-0.1, 0.0, 0.5, 0.999999, 1.0)} == {"on"}
 
 
 def test_pick_target_without_split_is_the_target():

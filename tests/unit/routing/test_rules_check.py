@@ -161,6 +161,12 @@ def test_redirect_placeholders_must_be_known():
     only(found, R0 + ("actions", "redirect", "location"), "{pth}", "did you mean 'path'")
 
 
+@pytest.mark.parametrize("location", ["example.com/x", "", "?a=1"])
+def test_redirect_location_must_be_absolute_or_a_path(location):
+    found = issues(rule(target="", actions={"redirect": {"location": location or "x"}}))
+    only(found, R0 + ("actions", "redirect", "location"), "absolute URL")
+
+
 def test_redirect_location_with_crlf():
     only(issues(rule(target="", actions={"redirect": {"location": "/x\r\nSet-Cookie: a"}})),
          R0 + ("actions", "redirect", "location"), "CR, LF")
