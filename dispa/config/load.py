@@ -864,6 +864,11 @@ def _check(ctx: _Context) -> None:
             targets |= {e.name for e in cluster.endpoints}
         names = {p.name for p in plugins.plugins if p.enabled} if plugins is not None else set()
         check_routing(routing, targets=targets, plugins=names, issue=ctx.issue)
+        if geo is None:
+            for n, rule in enumerate(routing.rules):
+                if rule.conditions.geo is not None:
+                    ctx.issue("a geo condition needs a [geo] table with a database",
+                              ("routing", "rules", n, "conditions", "geo"))
     monitoring = ctx.built.get(("monitoring",))
     if monitoring is not None:
         _check_monitoring(monitoring, server, ctx)

@@ -36,6 +36,8 @@ from typing import Annotated, Literal, Optional, Union
 import msgspec
 from msgspec import Meta
 
+from dispa.balancer.geo import GeoCondition
+
 # config.model imports this module (for ``Config.routing``), so this module must not import
 # config.model at its top, or importing it first would fail half-way through the cycle. The
 # base class is therefore restated here; tests/unit/routing/test_rules_docs.py checks that its
@@ -148,6 +150,8 @@ class RuleConditions(_Table):
     host: HostCondition = msgspec.field(default_factory=HostCondition)
     headers: list[HeaderCondition] = msgspec.field(default_factory=list)
     query_params: list[QueryCondition] = msgspec.field(default_factory=list)
+    # where the client is ([geo] database): countries/continents, their negations, unknown
+    geo: Optional[GeoCondition] = None
 
 
 # ---------------------------------------------------------------- actions

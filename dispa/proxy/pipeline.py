@@ -111,6 +111,7 @@ class Pipeline:
         if spec.geo is not None and self.routes is not None:
             from dispa.balancer.geo import GeoRouter, GeoRouterConfig
             self.geo = GeoRouter(msgspec.convert(spec.geo, GeoRouterConfig))
+            self.routes.geo_lookup = self.geo.locate
         self.trivial = self.routes is None and self.global_chain.empty
         self.hostnames: dict[bytes, str] = {}  # raw Host -> normalised, bounded memo
         self._rnd = random.random

@@ -274,7 +274,7 @@ class Route:
         # compiled conditions (None when absent)
         "_methods", "_p_exact", "_p_prefix", "_p_suffix", "_p_contains", "_p_regex",
         "_regex_params", "_template", "_hosts_cs", "_networks", "_headers", "_query",
-        "_simple",
+        "_simple", "_geo",
         # compiled actions
         "_cum", "_total", "_last", "_local", "_redirect", "_redirect_status", "_replace",
         "_strip", "_rr", "_prepend", "_req_edits", "_resp_edits",
@@ -327,8 +327,9 @@ class Route:
             (q.name, q.present is False, _value_test(q.value) if q.value is not None else None)
             for q in c.query_params) or None
 
+        self._geo = c.geo
         # only method and plain path tests: _test stops after those
-        self._simple = (self._hosts_cs is None and self._networks is None
+        self._simple = (self._hosts_cs is None and self._networks is None and self._geo is None
                         and self._headers is None and self._query is None
                         and regex is None and self._template is None)
 
@@ -412,6 +413,10 @@ class Route:
             version, value = ip
             if not any(v == version and value & mask == net
                        for v, net, mask in self._networks):
+                return None
+        if self._geo is not None:
+            lookup = lazy[2].geo_lookup
+            if not self._geo.matches(lookup(client_ip) if lookup is not None else None):
                 return None
         if self._headers is not None:
             # a scan per condition: cheaper than building a name -> values map for the
@@ -719,7 +724,7 @@ class RouteTable:
     ``enable_logging`` asks the caller to log each decision.
     """
 
-    __slots__ = ("rules", "default_target", "enable_logging", "_exact", "_wild", "_any",
+    __slots__ = ("rules", "default_target", "enable_logging", "geo_lookup", "_exact", "_wild", "_any",
                  "_plans", "_ips")
 
     def __init__(self, rules: tuple[Route, ...], default_target: str | None,
@@ -727,6 +732,8 @@ class RouteTable:
         self.rules = rules
         self.default_target = default_target
         self.enable_logging = enable_logging
+        # client address -> GeoInfo | None, for `geo` conditions (set by the proxy from [geo])
+        self.geo_lookup = None
         exact: dict[str, list[Route]] = {}
         wild: dict[str, list[Route]] = {}
         anywhere: list[Route] = []

@@ -349,6 +349,39 @@ default_target = "@geo"
     assert region("81.2.69.142") == "origin-us"
 
 
+def test_geo_conditions_in_routing_rules(dispa, origins):
+    eu, us = origins("origin-eu"), origins("origin-us")
+    rules = groups(eu=eu, us=us) + f'''
+[geo]
+database = "{GEO_DB}"
+[[geo.regions]]
+name = "eu"
+target = "eu"
+
+[[routing.rules]]
+name = "europe"
+target = "eu"
+[routing.rules.conditions.geo]
+continents = ["EU"]
+
+[[routing.rules]]
+name = "not-europe"
+target = "us"
+[routing.rules.conditions.geo]
+not_continents = ["EU"]
+unknown = false
+'''
+    d = dispa(targets=[("d", eu.url)], extra=rules,
+              server_extra='trusted_proxies = ["127.0.0.1/32"]')
+
+    def who(ip):
+        return http_get(d.port, "/", headers={"x-forwarded-for": ip})[1]["x-origin"]
+
+    assert who("81.2.69.142") == "origin-eu"
+    assert who("216.160.83.56") == "origin-us"
+    assert who("10.9.9.9") == "origin-eu"  # unknown location: neither rule, the default
+
+
 def test_a_corrupt_geo_database_is_refused_at_load(tmp_path):
     from dispa.config.load import load_config_text
     from dispa.errors import ConfigError
