@@ -11,6 +11,7 @@ State that must survive a swap (pools, endpoint health, in-flight counts) lives 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import msgspec
@@ -42,7 +43,7 @@ class ClusterRuntime:
     __slots__ = ("name", "spec", "endpoints", "selector", "pools", "healthy", "down_until",
                  "_all_up", "sticky", "ep_timeouts", "ep_ids", "hash_key", "tracks",
                  "breakers", "outlier", "budget", "observe", "_pick", "sticky_policy",
-                 "cookie")
+                 "cookie", "_rnd")
 
     def __init__(self, spec: ClusterSpec, state: "WorkerState"):
         self.name = spec.name
@@ -70,7 +71,12 @@ class ClusterRuntime:
         self.budget = (build_retry_budget(msgspec.convert(spec.retry_budget,
                                                           RetryBudgetConfig))
                        if spec.retry_budget is not None else None)
+        per_try = getattr(self.budget, "per_try_timeout", None)
+        if per_try:
+            # each attempt (first try or retry) waits at most per_try_timeout for its head
+            self.ep_timeouts = tuple(min(t, float(per_try)) for t in self.ep_timeouts)
         self.observe = getattr(self.selector, "observe", None)  # latency-aware selectors
+        self._rnd = random.random
         self.sticky_policy = None
         self.cookie = None  # Set-Cookie of the last pick (taken by the session at once)
         if spec.sticky is not None:
@@ -164,10 +170,25 @@ class ClusterRuntime:
                 i = self.selector.pick_excluding(view, tried, key)
             else:
                 i = self.selector.pick(view, key)
-            if i < 0 or breakers is None or breakers.allow_endpoint(i, now):
+            if i < 0 or breakers is None:
+                break
+            if key is None and len(tried) + 1 < len(self.endpoints):
+                # slow start after a recovery: the endpoint takes only `factor` of its
+                # share (the rest goes to the next pick); hashed keys stay put
+                factor = breakers.endpoints[i].weight_factor(now)
+                if 0.0 < factor < 1.0 and self._rnd() >= factor:
+                    tried.add(i)
+                    i = -1
+                    continue
+            if breakers.allow_endpoint(i, now):
                 break
             tried.add(i)  # half-open with its probes in flight: try another
             i = -1
+        if i < 0 and tried and not exclude and breakers is not None:
+            # every candidate was deferred by slow start: take the selector's own choice
+            i = self.selector.pick(view, key)
+            if i >= 0 and not breakers.allow_endpoint(i, now):
+                i = -1
         if i >= 0 and self.budget is not None and not exclude:
             self.budget.deposit(now)
         return i

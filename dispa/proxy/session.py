@@ -409,7 +409,7 @@ class Session(asyncio.Protocol):
         self.ep_held = True
         # the endpoint's timeout bounds the whole upstream exchange, within the request timeout
         self.deadline = min(self.t0 + self.rt.proxy.request_timeout_seconds,
-                            time.monotonic() + cluster.endpoints[i].timeout_seconds)
+                            time.monotonic() + cluster.ep_timeouts[i])
         pool = cluster.pools[i]
         conn = pool.take_idle()
         if conn is not None:
@@ -417,7 +417,7 @@ class Session(asyncio.Protocol):
             return
         self.state = CONNECTING
         ep = cluster.endpoints[i]
-        timeout = min(pool.spec.connect_timeout_seconds, ep.timeout_seconds)
+        timeout = min(pool.spec.connect_timeout_seconds, self.cluster.ep_timeouts[self.ep])
         self.connect_task = asyncio.ensure_future(self._connect(pool, timeout))
 
     async def _connect(self, pool, timeout: float) -> None:
@@ -507,7 +507,7 @@ class Session(asyncio.Protocol):
         if self.state == PROXYING and self.body_sent:
             # a request body is all sent: the endpoint's timeout for the response head starts
             # now (a long upload is limited by write_timeout progress instead)
-            self.deadline = time.monotonic() + self.cluster.endpoints[self.ep].timeout_seconds
+            self.deadline = time.monotonic() + self.cluster.ep_timeouts[self.ep]
         if self.up_chunked:
             trailers = self.parser.trailers
             if trailers:
@@ -766,7 +766,7 @@ class Session(asyncio.Protocol):
             self.state = CONNECTING
             pool = self.cluster.pools[self.ep]
             ep = self.cluster.endpoints[self.ep]
-            timeout = min(pool.spec.connect_timeout_seconds, ep.timeout_seconds)
+            timeout = min(pool.spec.connect_timeout_seconds, self.cluster.ep_timeouts[self.ep])
             self.connect_task = asyncio.ensure_future(self._connect(pool, timeout))
             return
         self._upstream_failed(UpstreamError("upstream closed the connection"), connect=False)

@@ -187,3 +187,48 @@ ttl = 600
         status, headers, _ = http_get(d.port, "/", headers={"cookie": value})
         seen.append((status, headers.get("x-origin"), "set-cookie" in headers))
     assert (200, other, True) in seen, seen
+
+
+def test_a_recovered_endpoint_ramps_up_slowly(dispa, origins):
+    good, bad = origins("origin-good"), origins("origin-bad")
+    bad.force_status = 500
+    extra = '''
+[targets.circuit_breaker]
+failure_threshold = 2
+recovery_time = 0.5
+slow_start_seconds = 3.0
+slow_start_min = 0.05
+'''
+    d = dispa(targets=[("good", good.url), ("bad", bad.url)], extra=extra)
+    for _ in range(6):
+        http_get(d.port, "/")
+    bad.force_status = None
+    time.sleep(0.6)  # recovery_time is the behaviour under test: let it elapse
+    n0 = len(bad.requests)
+    wait_for(lambda: (http_get(d.port, "/"), len(bad.requests) > n0)[1], what="the probe")
+    t0 = time.monotonic()
+    n1 = len(bad.requests)
+    early = 40
+    for _ in range(early):
+        http_get(d.port, "/")
+    early_share = (len(bad.requests) - n1) / early
+    assert time.monotonic() - t0 < 1.5  # still early in the 3 s ramp
+    time.sleep(max(0.0, 3.2 - (time.monotonic() - t0)))  # past the ramp
+    n2 = len(bad.requests)
+    for _ in range(40):
+        http_get(d.port, "/")
+    late_share = (len(bad.requests) - n2) / 40
+    assert early_share < 0.3 and late_share >= 0.4, (early_share, late_share)
+
+
+def test_per_try_timeout_bounds_each_attempt(dispa, origins):
+    slow = origins("origin-slow")
+    extra = '''
+[targets.retry_budget]
+type = "concurrent"
+per_try_timeout = 0.3
+'''
+    d = dispa(targets=[("slow", slow.url)], extra=extra)
+    t0 = time.monotonic()
+    status, _, _ = http_get(d.port, "/delay?ms=2000")
+    assert status == 504 and time.monotonic() - t0 < 1.5
