@@ -97,6 +97,16 @@ class Headers:
         self.raw: list[tuple[bytes, bytes]] = list(raw) if raw is not None else []
         self.changed = False
 
+    @classmethod
+    def _shared(cls, raw: list) -> "Headers":
+        """A view over ``raw`` without a copy (the proxy's per-request constructor): every
+        mutator below builds a new list before changing anything, so ``raw`` - the
+        parser's list - is never modified."""
+        self = object.__new__(cls)
+        self.raw = raw
+        self.changed = False
+        return self
+
     def get(self, name: str | bytes, default: str | None = None) -> str | None:
         """The first value of ``name``, or ``default``."""
         n = _b(name).lower()
@@ -143,7 +153,7 @@ class Headers:
 
     def add(self, name: str | bytes, value: str | bytes) -> None:
         """Append a field, keeping existing ones with the same name."""
-        self.raw.append((_check_name(_b(name)), _check_value(_b(value))))
+        self.raw = self.raw + [(_check_name(_b(name)), _check_value(_b(value)))]
         self.changed = True
 
     def setdefault(self, name: str | bytes, value: str | bytes) -> None:
@@ -193,7 +203,8 @@ class Request:
 
     __slots__ = ("method", "path", "query", "headers", "host", "client_ip", "scheme",
                  "version", "route", "cluster", "endpoint", "params", "ctx", "request_id",
-                 "original_target", "content_length", "chunked", "_path0", "_query0")
+                 "original_target", "content_length", "chunked", "_path0", "_query0",
+                 "_head", "_lz")
 
     def __init__(self, method: str, target: bytes | str, headers: Headers, *, host: str = "",
                  client_ip: str = "", scheme: str = "http", version: str = "1.1",
@@ -220,32 +231,70 @@ class Request:
         self._query0 = self.query
         self.content_length = content_length  # -1: none or chunked
         self.chunked = chunked
+        self._head = None
+        self._lz = 3
 
     @classmethod
-    def _of_head(cls, method: str, target: str, headers: Headers, host: str, client_ip: str,
-                 version: str, request_id: str, content_length: int, chunked: bool
-                 ) -> "Request":
-        """The proxy's constructor (positional, no defaults to resolve): one per request."""
+    def _of_head(cls, method: str, head, target: bytes, host: str, client_ip: str,
+                 rid: bytes) -> "Request":
+        """The proxy's constructor, one per request: fields a filter never reads are never
+        made. The rest (path, query, headers, ctx, ...) are filled by ``__getattr__`` on
+        first use, from the parser's head and target."""
         self = object.__new__(cls)
-        path, sep, query = target.partition("?")
         self.method = method
-        self.path = self._path0 = path
-        self.query = self._query0 = query
-        self.headers = headers
         self.host = host
         self.client_ip = client_ip
-        self.scheme = "http"
-        self.version = version
-        self.route = None
-        self.cluster = ""
-        self.endpoint = ""
-        self.params = _NO_PARAMS
-        self.ctx = {}
-        self.request_id = request_id
-        self.original_target = target
-        self.content_length = content_length
-        self.chunked = chunked
+        self._head = (head, target, rid)
+        self._lz = 0  # bit 1: path/query made; bit 2: headers made
         return self
+
+    def __getattr__(self, name: str):
+        # only reached for a slot not set yet (see _of_head)
+        lazy = _LAZY.get(name)
+        if lazy is None or self._head is None:
+            raise AttributeError(name)
+        lazy(self)
+        return object.__getattribute__(self, name)
+
+    def _split(self) -> None:
+        t = self._head[1].decode("latin-1")
+        path, _, query = t.partition("?")
+        self.original_target = t
+        self.path = self._path0 = path
+        self.query = self._query0 = query
+        self._lz |= 1
+
+    def _fill_head(self) -> None:
+        head = self._head[0]
+        self.version = "1.1" if head.version == 11 else "1.0"
+        self.content_length = head.content_length
+        self.chunked = head.chunked
+
+    def _defaults(self) -> None:
+        for k, v in (("scheme", "http"), ("route", None), ("cluster", ""), ("endpoint", ""),
+                     ("params", _NO_PARAMS)):
+            try:
+                object.__getattribute__(self, k)
+            except AttributeError:
+                object.__setattr__(self, k, v)
+
+    def _ctx(self) -> None:
+        self.ctx = {}
+
+    def _headers(self) -> None:
+        self.headers = Headers._shared(self._head[0].headers)
+        self._lz |= 2
+
+    def _rid(self) -> None:
+        rid = self._head[2]
+        self.request_id = rid.decode("latin-1") if rid else ""
+
+    def untouched(self) -> bool:
+        """Neither the target nor the headers were changed (cheap when never read)."""
+        lz = self._lz
+        if lz & 1 and (self.path is not self._path0 or self.query is not self._query0):
+            return False
+        return not (lz & 2 and self.headers.changed)
 
     @property
     def target(self) -> str:
@@ -257,6 +306,16 @@ class Request:
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target} host={self.host!r} route={self.route!r}>"
+
+
+_LAZY = {
+    "path": Request._split, "query": Request._split, "_path0": Request._split,
+    "_query0": Request._split, "original_target": Request._split,
+    "version": Request._fill_head, "content_length": Request._fill_head,
+    "chunked": Request._fill_head, "scheme": Request._defaults, "route": Request._defaults,
+    "cluster": Request._defaults, "endpoint": Request._defaults, "params": Request._defaults,
+    "ctx": Request._ctx, "headers": Request._headers, "request_id": Request._rid,
+}
 
 
 class ResponseHead:

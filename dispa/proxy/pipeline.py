@@ -114,6 +114,11 @@ class Pipeline:
             self.routes.geo_lookup = self.geo.locate
         self.trivial = self.routes is None and self.global_chain.empty
         self.hostnames: dict[bytes, str] = {}  # raw Host -> normalised, bounded memo
+        g = self.global_chain
+        self.request_only = (self.routes is None and not self.any_async
+                             and self.global_run is not None and not g.on_request_body
+                             and not g.on_upstream_request and not g.on_response
+                             and not g.on_response_body and not g.on_log)
         self._rnd = random.random
         self.mirrors = state.mirrors
         self.metrics = state.metrics
@@ -134,6 +139,16 @@ class Pipeline:
         choice = self.geo.choose(req.client_ip, lambda t: t in clusters and clusters[t].usable())
         req.ctx["geo"] = choice.reason
         return choice[0] if choice else ""
+
+    def _request(self, head, host: bytes, target: bytes, client_ip: str, rid: bytes):
+        names = self.hostnames
+        hostname = names.get(host)
+        if hostname is None:
+            hostname = normalize_host(host) if host else ""
+            if len(names) >= 4096:
+                names.clear()
+            names[host] = hostname
+        return Request._of_head(_method(head.method), head, target, hostname, client_ip, rid)
 
     def purge_cache(self, prefix: str | None, key: str | None, plugin: str | None) -> int:
         """Purge in every filter that has a cache (``purge``/``purge_key``); the count of
@@ -162,6 +177,19 @@ class Pipeline:
             xff = b", ".join([v for k, v in head.headers if k.lower() == b"x-forwarded-for"])
             if xff:
                 client_ip = forwarded_client(client_ip, xff, trusted.contains)
+        if self.request_only:
+            # only sync on_request hooks, no routes: run them here and stay on the fast
+            # path unless one answered or changed the request
+            req = self._request(head, host, target, client_ip, rid)
+            r = self.global_run(req)
+            if r is None and intercepted and req.untouched():
+                return None
+            plan = Plan(self, session, head, host, target, intercepted, client_ip, rid, req)
+            plan.response = r
+            if r is None and not intercepted:
+                plan._route()
+            plan._settle()
+            return plan
         plan = Plan(self, session, head, host, target, intercepted, client_ip, rid)
         if self.any_async:
             plan.task = asyncio.ensure_future(plan.request_phase_async())
@@ -190,21 +218,12 @@ class Plan:
     status_in = 0
 
     def __init__(self, pipeline: Pipeline, session, head, host: bytes, target: bytes,
-                 intercepted: bool, client_ip: str, rid: bytes):
+                 intercepted: bool, client_ip: str, rid: bytes, req=None):
         self.pipeline = pipeline
         self.session = session
         self.intercepted = intercepted
-        names = pipeline.hostnames
-        hostname = names.get(host)
-        if hostname is None:
-            hostname = normalize_host(host) if host else ""
-            if len(names) >= 4096:
-                names.clear()
-            names[host] = hostname
-        self.req = Request._of_head(
-            _method(head.method), target.decode("latin-1"), Headers(head.headers), hostname,
-            client_ip, "1.1" if head.version == 11 else "1.0",
-            rid.decode("latin-1") if rid else "", head.content_length, head.chunked)
+        self.req = req if req is not None else pipeline._request(head, host, target,
+                                                                  client_ip, rid)
         self.chain = pipeline.global_chain
 
     # The phase is written twice (sync and async) so that a pipeline without async hooks

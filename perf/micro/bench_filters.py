@@ -45,6 +45,10 @@ class _Runtime:
     reject_status = 404
     reject_body = b""
 
+    def __init__(self):
+        from dispa.proxy.forwarding import TrustedProxies
+        self.trusted = TrustedProxies(())
+
 
 def _pipeline(n: int) -> Pipeline:
     spec = PipelineSpec(plugins=tuple(
@@ -66,4 +70,4 @@ def test_pipeline_start(benchmark, filters):
     start = p.start
     plan = benchmark(lambda: start(None, head, b"example.com", b"/index.html?x=1", True,
                                    "127.0.0.1", b"rid"))
-    assert plan.response is None and plan.task is None
+    assert plan is None  # no-op hooks: the request goes on on the compiled fast path
