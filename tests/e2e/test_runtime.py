@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.support.dispa_proc import ROOT, free_port, http_get, render_config
+from tests.support.dispa_proc import ROOT, free_port, http_get, render_config, wait_for
 
 SHARED = ROOT.parent / "shared"
 COMPAT = SHARED / "compat" / "config.example.toml"
@@ -29,14 +29,7 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out.stdout.split()]
 
 
-def _wait(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = wait_for
 
 
 class Load:

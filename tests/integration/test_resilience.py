@@ -7,17 +7,7 @@ from __future__ import annotations
 import signal
 import time
 
-from tests.support.dispa_proc import free_port, http_get
-
-
-def wait_for(cond, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.support.dispa_proc import free_port, http_get, wait_for
 
 
 def breaker_states(d, endpoint_id):

@@ -159,3 +159,15 @@ def read_one_response(sock, *, method: bytes = b"GET") -> tuple[int, bytes, byte
             body += bytes(event.data)
         elif isinstance(event, h11.EndOfMessage):
             return status, head, body
+
+
+def wait_for(cond, timeout: float = 20.0, what: str = "condition"):
+    """Poll ``cond()`` (every 50 ms, bounded by ``timeout``) until it returns something true;
+    return that value or fail naming ``what``. For states a test cannot be told about."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
