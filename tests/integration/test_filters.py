@@ -195,3 +195,11 @@ def test_a_bad_plugin_config_at_reload_is_refused_and_the_old_chain_keeps_workin
                for e in st["config_errors"]), st["config_errors"]
     status, headers, _ = http_get(d.port, "/")
     assert status == 200 and headers["x-tag"] == "v1"
+
+
+def test_async_response_hooks_with_a_close_delimited_upstream(dispa, origin):
+    # the upstream sends its whole response and closes while the async hook runs
+    d = dispa(targets=[("a", origin.url)],
+              extra=plugins({"name": "gate", "type": T + "AsyncGate"}))
+    status, headers, body = http_get(d.port, "/close?n=5000", headers={"x-token": "ok"})
+    assert status == 200 and body == b"c" * 5000 and headers["x-gate"] == "passed"
