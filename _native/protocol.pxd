@@ -117,6 +117,8 @@ cdef class Session:
     cdef tuple ep_ids
     cdef object _stash_rh      # a response head waiting for async response hooks
     cdef object set_cookie     # sticky cookie to add to the response (bytes) or None
+    cdef long long req_bytes   # request body bytes received (dispa_received_bytes_total)
+    cdef long long resp_bytes  # response body bytes sent (dispa_sent_bytes_total)
 
     cdef int _reset_exchange(self) except -1
     cdef int _set_cluster(self, object cluster) except -1

@@ -305,6 +305,8 @@ cdef class Session:
         self.ep_ids = None
         self._stash_rh = None
         self.set_cookie = None
+        self.req_bytes = 0
+        self.resp_bytes = 0
         return 0
 
     cdef int _set_cluster(self, object cluster) except -1:
@@ -739,6 +741,7 @@ cdef class Session:
     cdef int _on_body(self, bytes chunk) except -1:
         if self.state == ST_IDLE:
             return 0  # body of a request we already answered locally (and will close)
+        self.req_bytes += PyBytes_GET_SIZE(chunk)
         plan = self.plan
         if plan is not None:
             if plan.req_body_hooks:
@@ -877,8 +880,10 @@ cdef class Session:
                         if not chunk:
                             continue
                     if self.resp_mode == R_CHUNKED:
+                        self.resp_bytes += PyBytes_GET_SIZE(chunk)
                         self._emit(_encode_chunk(chunk))
                     elif self.resp_mode != R_NONE:
+                        self.resp_bytes += PyBytes_GET_SIZE(chunk)
                         self._emit(chunk)
                 elif ev == EV_HEAD:
                     r = self._on_response_head(<ResponseHead>parser.head, parser)
@@ -1069,6 +1074,7 @@ cdef class Session:
                             DROP_RESPONSE, 1, f, nf, tail, tail_n)
         if tail_n:
             parser._consume_body(tail_n)
+            self.resp_bytes += tail_n
         self._emit(piece)
         self.resp_started = True
         return 0
@@ -1265,6 +1271,7 @@ cdef class Session:
         data = write_response_head(status, reason, headers)
         if head is None or head.method != py_HEAD:
             data += body
+            self.resp_bytes += PyBytes_GET_SIZE(body)
         self.transport.write(data)
         self.resp_status = status
         self._log_request(status)
@@ -1367,7 +1374,8 @@ cdef class Session:
         cdef _RuntimeView v
         method = _method_str(head.method) if head is not None else "-"
         v = self.rt if self.rt is not None else _view_of(self.server)
-        v.observe_request(self.domain or "-", method, status, _now() - self.t0)
+        v.observe_request(self.domain or "-", method, status, _now() - self.t0,
+                          self.req_bytes, self.resp_bytes)
         plan = self.plan
         if plan is not None and plan.log_hooks:
             plan.log(status, None if status < 500 and status != 499 else str(status))

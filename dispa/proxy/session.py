@@ -146,6 +146,8 @@ class Session(asyncio.Protocol):
         self._p_args = None  # (target, authority) of the head waiting for the plan
         self._stash_rh = None  # a response head waiting for async response hooks
         self.set_cookie = None  # sticky cookie to add to the response (bytes) or None
+        self.req_bytes = 0  # request body bytes received (dispa_received_bytes_total)
+        self.resp_bytes = 0  # response body bytes sent (dispa_sent_bytes_total)
 
     # ------------------------------------------------------------------ accept phase
     def connection_made(self, transport):  # type: ignore[override]
@@ -462,6 +464,7 @@ class Session(asyncio.Protocol):
     def _on_body(self, chunk: bytes) -> None:
         if self.state == IDLE:
             return  # body of a request we already answered locally (and will close)
+        self.req_bytes += len(chunk)
         plan = self.plan
         if plan is not None:
             if plan.req_body_hooks:
@@ -569,8 +572,10 @@ class Session(asyncio.Protocol):
                         if not chunk:
                             continue
                     if self.resp_mode == R_CHUNKED:
+                        self.resp_bytes += len(chunk)
                         out.append(encode_chunk(chunk))
                     elif self.resp_mode != R_NONE:
+                        self.resp_bytes += len(chunk)
                         out.append(chunk)
                 elif ev == HEAD:
                     r = self._on_response_head(parser.head, out)
@@ -916,6 +921,7 @@ class Session(asyncio.Protocol):
         data = write_response_head(status, reason, headers)
         if head is None or head.method != b"HEAD":
             data += body
+            self.resp_bytes += len(body)
         self.transport.write(data)
         self.resp_status = status
         self._log_request(status)
@@ -1010,7 +1016,8 @@ class Session(asyncio.Protocol):
         head = self.head
         method = head.method.decode("latin-1") if head is not None else "-"
         self.server.metrics.observe_request(self.domain or "-", method, status,
-                                            time.monotonic() - self.t0)
+                                            time.monotonic() - self.t0, self.req_bytes,
+                                            self.resp_bytes)
         plan = self.plan
         if plan is not None and plan.log_hooks:
             plan.log(status, None if status < 500 and status != 499 else str(status))
