@@ -42,7 +42,7 @@ class ClusterRuntime:
 
     __slots__ = ("name", "spec", "endpoints", "selector", "pools", "healthy", "down_until",
                  "_all_up", "sticky", "ep_timeouts", "ep_ids", "hash_key", "tracks",
-                 "breakers", "outlier", "budget", "observe", "_pick", "sticky_policy",
+                 "breakers", "outlier", "budget", "observe", "pick", "sticky_policy",
                  "cookie", "_rnd")
 
     def __init__(self, spec: ClusterSpec, state: "WorkerState"):
@@ -86,7 +86,9 @@ class ClusterRuntime:
         # tracks: the session reports outcomes (pick/report below take the slow path)
         self.tracks = bool(self.breakers or self.outlier or self.budget or self.observe
                            or self.sticky_policy)
-        self._pick = self._pick_guarded if self.tracks else self._pick_plain
+        # pick(client_ip, exclude, head) -> endpoint index; -1: none usable, -2: the group's
+        # breaker is open (answered 503 at once). Bound once: one call per request.
+        self.pick = self._pick_guarded if self.tracks else self._pick_plain
 
     def set_health(self, endpoint_id: str, healthy: bool) -> None:
         for i, e in enumerate(self.endpoints):
@@ -130,11 +132,6 @@ class ClusterRuntime:
             return None
         return view
 
-    def pick(self, client_ip: str, exclude: set[int] | None, head=None) -> int:
-        """The endpoint index for a request; -1: none usable, -2: the group's breaker is
-        open (answered 503 at once)."""
-        return self._pick(client_ip, exclude, head)
-
     def _key(self, client_ip: str, head) -> bytes | None:
         hk = self.hash_key
         if hk is None or head is None:
@@ -143,7 +140,7 @@ class ClusterRuntime:
         path, _, query = target.partition(b"?")
         return hk.build(head.method, path, query, head.headers, client_ip)
 
-    def _pick_guarded(self, client_ip: str, exclude, head) -> int:
+    def _pick_guarded(self, client_ip: str, exclude, head=None) -> int:
         now = time.monotonic()
         breakers = self.breakers
         if breakers is not None and not breakers.admit(now):
@@ -251,7 +248,7 @@ class ClusterRuntime:
             out["sticky"] = self.sticky_policy.snapshot()
         return out
 
-    def _pick_plain(self, client_ip: str, exclude, head) -> int:
+    def _pick_plain(self, client_ip: str, exclude, head=None) -> int:
         view = self.health_view()
         key = self._key(client_ip, head) if self.hash_key is not None else (
             client_ip.encode() if self.sticky else None)
