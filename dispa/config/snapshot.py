@@ -174,25 +174,30 @@ class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     clusters: tuple[ClusterSpec, ...]
     default_cluster: str
     pipeline: PipelineSpec = PipelineSpec()
+    # TLS termination: certificates (PEM, validated by the master), SNI table, protocol and
+    # client-auth settings as plain data (dispa/tls); None: no TLS listener.
+    tls: Any = None
+    # Pending ACME challenges the data plane answers: {"http01": {token: key_authorization},
+    # "tls_alpn01": {server_name: [cert_pem, key_pem]}}; None when nothing is pending.
+    acme_challenges: Any = None
 
 
 _encoder = msgspec.msgpack.Encoder()
 
 
-def content_version(proxy: ProxySpec, intercept: InterceptSpec,
-                    clusters: tuple[ClusterSpec, ...], default_cluster: str,
-                    pipeline: PipelineSpec = PipelineSpec()) -> str:
-    """The version a snapshot with this content gets: 16 hex digits of a SHA-256."""
-    blob = _encoder.encode((proxy, intercept, clusters, default_cluster, pipeline))
+def content_version(**fields: Any) -> str:
+    """The version a snapshot with this content gets: 16 hex digits of a SHA-256 of every
+    field but ``version`` (so a new field with its default changes no existing version's
+    meaning, only its value once)."""
+    blob = _encoder.encode(Snapshot(version="", **fields))
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def make_snapshot(proxy: ProxySpec, intercept: InterceptSpec,
                   clusters: tuple[ClusterSpec, ...], default_cluster: str,
-                  pipeline: PipelineSpec = PipelineSpec()) -> Snapshot:
-    """Build a Snapshot with its content version filled in."""
-    return Snapshot(
-        version=content_version(proxy, intercept, clusters, default_cluster, pipeline),
-        proxy=proxy, intercept=intercept, clusters=clusters, default_cluster=default_cluster,
-        pipeline=pipeline,
-    )
+                  **rest: Any) -> Snapshot:
+    """Build a Snapshot with its content version filled in; ``rest`` are the optional
+    fields (pipeline, tls, observability, ...)."""
+    fields = dict(proxy=proxy, intercept=intercept, clusters=clusters,
+                  default_cluster=default_cluster, **rest)
+    return Snapshot(version=content_version(**fields), **fields)
