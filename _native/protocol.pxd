@@ -56,6 +56,8 @@ cdef class _RuntimeView:
     cdef object domain_label
     cdef object observe_request
     cdef object observe_upstream
+    # the runtime's log-phase fan-out (observability/exchange.py); None: no sinks
+    cdef object log_exchange
 
 
 @cython.final
@@ -119,6 +121,9 @@ cdef class Session:
     cdef object set_cookie     # sticky cookie to add to the response (bytes) or None
     cdef long long req_bytes   # request body bytes received (dispa_received_bytes_total)
     cdef long long resp_bytes  # response body bytes sent (dispa_sent_bytes_total)
+    # upstream attempts for the log phase, kept only when log sinks are configured
+    cdef double t_up           # start of the current upstream attempt
+    cdef list attempts         # failed attempts: (endpoint_id, start, end, outcome)
 
     cdef int _reset_exchange(self) except -1
     cdef int _set_cluster(self, object cluster) except -1

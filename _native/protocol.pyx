@@ -41,6 +41,7 @@ from libc.string cimport memchr, memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from dispa.errors import UpstreamError
+from dispa.observability.exchange import make_exchange
 from dispa.proxy.forwarding import BadTarget, forwarding_headers, split_absolute_form
 
 cdef extern from "Python.h":
@@ -240,6 +241,7 @@ cdef _RuntimeView _view_of(object server):
     v.domain_label = server.domain_label
     v.observe_request = server.metrics.observe_request
     v.observe_upstream = server.metrics.observe_upstream
+    v.log_exchange = getattr(rt, "log_exchange", None)
     py_view = v
     return v
 
@@ -307,6 +309,7 @@ cdef class Session:
         self.set_cookie = None
         self.req_bytes = 0
         self.resp_bytes = 0
+        self.attempts = None
         return 0
 
     cdef int _set_cluster(self, object cluster) except -1:
@@ -682,6 +685,8 @@ cdef class Session:
         self.ep = i
         cluster.selector.acquire(i)
         self.ep_held = True
+        if self.rt.log_exchange is not None:
+            self.t_up = _now()
         # the endpoint's timeout bounds the whole upstream exchange, within the request timeout
         ep_timeout = <double>self.ep_timeouts[i]   # cluster.endpoints[i].timeout_seconds
         a = self.t0 + self.rt.request_timeout
@@ -1146,11 +1151,15 @@ cdef class Session:
                                            "connect_failed")
             if cluster.tracks:
                 cluster.report(i, 0, _now() - self.t0)
-            self.server.metrics.observe_upstream(
-                cluster.endpoints[i].id,
-                "timeout" if exc.status_hint == 504 else
-                ("bad_response" if bad_response else
-                 ("connect_error" if connect else "reset")), _now() - self.t0)
+            outcome = ("timeout" if exc.status_hint == 504 else
+                       ("bad_response" if bad_response else
+                        ("connect_error" if connect else "reset")))
+            self.server.metrics.observe_upstream(cluster.endpoints[i].id, outcome,
+                                                 _now() - self.t0)
+            if self.rt is not None and self.rt.log_exchange is not None:
+                if self.attempts is None:
+                    self.attempts = []
+                self.attempts.append((cluster.endpoints[i].id, self.t_up, _now(), outcome))
         up = self.upstream
         if up is not None:
             up.owner = None
@@ -1379,7 +1388,24 @@ cdef class Session:
         plan = self.plan
         if plan is not None and plan.log_hooks:
             plan.log(status, None if status < 500 and status != 499 else str(status))
+        sink = v.log_exchange
+        if sink is not None:
+            sink(_exchange_of(self, status))
         return 0
+
+
+cdef object _exchange_of(Session s, int status):
+    """The log-phase record (observability/exchange.py) of the session's exchange."""
+    cdef double now = _now()
+    attempts = s.attempts if s.attempts is not None else []
+    ep_id = None
+    if s.ep >= 0 and s.cluster is not None:
+        ep_id = s.cluster.endpoints[s.ep].id
+        if not (attempts and attempts[-1][0] == ep_id and attempts[-1][1] == s.t_up):
+            attempts.append((ep_id, s.t_up, now, "ok"))
+    return make_exchange(s.t0, now, s.peer_ip, s.head, s.domain, status, s.req_bytes,
+                         s.resp_bytes, s.rid, s.cluster, ep_id, attempts, s.plan,
+                         None if status < 500 and status != 499 else str(status))
 
 
 # -- upstream connections and pools -----------------------------------------------------------

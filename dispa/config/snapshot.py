@@ -180,6 +180,9 @@ class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Pending ACME challenges the data plane answers: {"http01": {token: key_authorization},
     # "tls_alpn01": {server_name: [cert_pem, key_pem]}}; None when nothing is pending.
     acme_challenges: Any = None
+    # Log-phase features as plain data (access_log, traffic_log, tracing, redaction,
+    # custom_metrics, ...; see dispa/observability); None: all off.
+    observability: Any = None
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -27,6 +27,7 @@ from dispa.balancer.sticky import StickyConfig, StickyPolicy
 from dispa.config.snapshot import ClusterSpec, Snapshot
 from dispa.proxy.forwarding import FORWARDING_HEADERS, TrustedProxies
 from dispa.plugins.chain import StatsRegistry
+from dispa.observability.exchange import Observers, SinkContext
 from dispa.proxy.mirror import Mirrors
 from dispa.proxy.pipeline import Pipeline
 from dispa.proxy.protocol import Pool
@@ -61,13 +62,13 @@ class ClusterRuntime:
         # Resilience state is per worker and per snapshot (a reload starts it afresh, as a
         # changed endpoint set would make old indexes meaningless).
         self.breakers = None
-        if spec.breaker is not None or spec.group_breaker is not None:
+        if (spec.breaker is not None or spec.group_breaker is not None) and n:
             self.breakers = GroupBreaker(
                 n, msgspec.convert(spec.breaker, BreakerConfig) if spec.breaker else None,
                 msgspec.convert(spec.group_breaker, GroupBreakerConfig)
                 if spec.group_breaker else None)
         self.outlier = (OutlierDetector(n, msgspec.convert(spec.outlier, OutlierConfig))
-                        if spec.outlier is not None else None)
+                        if spec.outlier is not None and n else None)
         self.budget = (build_retry_budget(msgspec.convert(spec.retry_budget,
                                                           RetryBudgetConfig))
                        if spec.retry_budget is not None else None)
@@ -79,7 +80,7 @@ class ClusterRuntime:
         self._rnd = random.random
         self.sticky_policy = None
         self.cookie = None  # Set-Cookie of the last pick (taken by the session at once)
-        if spec.sticky is not None:
+        if spec.sticky is not None and n:
             self.sticky_policy = StickyPolicy(msgspec.convert(spec.sticky, StickyConfig),
                                               [e.id for e in spec.endpoints],
                                               [e.weight for e in spec.endpoints])
@@ -89,6 +90,11 @@ class ClusterRuntime:
         # pick(client_ip, exclude, head) -> endpoint index; -1: none usable, -2: the group's
         # breaker is open (answered 503 at once). Bound once: one call per request.
         self.pick = self._pick_guarded if self.tracks else self._pick_plain
+        if n == 0:
+            # an empty cluster (service discovery answered "no instances"): every request
+            # gets 503 "no upstream endpoint available" (docs/discovery.md)
+            self.tracks = False
+            self.pick = _pick_none
 
     def set_health(self, endpoint_id: str, healthy: bool) -> None:
         for i, e in enumerate(self.endpoints):
@@ -273,8 +279,30 @@ class ClusterRuntime:
         return best
 
 
+def _pick_none(client_ip: str, exclude, head=None) -> int:
+    return -1
+
+
+class _NoEndpoints:
+    """The selector of an empty cluster: nothing to pick."""
+
+    def pick(self, healthy, key=None) -> int:
+        return -1
+
+    def pick_excluding(self, healthy, exclude, key=None) -> int:
+        return -1
+
+    def acquire(self, i: int) -> None:
+        pass
+
+    def release(self, i: int) -> None:
+        pass
+
+
 def _selector(spec: ClusterSpec, state):
     """The cluster's selector and, for hashing ones, its compiled hash key."""
+    if not spec.endpoints:
+        return _NoEndpoints(), None
     weights = [e.weight for e in spec.endpoints]
     opts = spec.lb_options
     if spec.lb in ("consistent_hash", "maglev"):
@@ -295,9 +323,11 @@ def _selector(spec: ClusterSpec, state):
 class WorkerState:
     """Everything a worker keeps across snapshots."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics=None, worker_id: int = 0):
         self.loop = loop
         self.metrics = metrics
+        # log-phase sinks (access log, traffic records, tracing, custom metrics)
+        self.observers = Observers(SinkContext(loop, metrics, worker_id))
         # Pools are keyed by endpoint and pool settings: clusters that share an endpoint
         # with the same settings share its idle connections.
         self.pools: dict[tuple, Pool] = {}
@@ -351,6 +381,9 @@ class Runtime:
             max_chunk_ext_bytes=p.limits.max_chunk_ext_bytes,
             allow_bare_lf=p.limits.allow_bare_lf,
         )
+        # Last, once nothing else can fail: the log-phase sinks for this snapshot. None
+        # when none is configured; the Session then builds no Exchange record at all.
+        self.log_exchange = state.observers.configure(snapshot)
 
     def set_health(self, key: str, healthy: bool) -> None:
         cluster_name, _, endpoint_id = key.partition("/")

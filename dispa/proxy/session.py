@@ -41,6 +41,7 @@ import logging
 import time
 
 from dispa.errors import UpstreamError
+from dispa.observability.exchange import make_exchange
 from dispa.proxy.forwarding import BadTarget, forwarding_headers, split_absolute_form
 from dispa.protocols.http1 import (
     DATA, END, HEAD, LAST_CHUNK, NEED_DATA, UPGRADE, ProtocolError, RequestParser,
@@ -145,6 +146,8 @@ class Session(asyncio.Protocol):
         self.resp_filter = False  # the plan has response body hooks
         self._p_args = None  # (target, authority) of the head waiting for the plan
         self._stash_rh = None  # a response head waiting for async response hooks
+        self.attempts = None  # failed upstream attempts, kept only when log sinks exist
+        self.t_up = 0.0  # start of the current upstream attempt
         self.set_cookie = None  # sticky cookie to add to the response (bytes) or None
         self.req_bytes = 0  # request body bytes received (dispa_received_bytes_total)
         self.resp_bytes = 0  # response body bytes sent (dispa_sent_bytes_total)
@@ -409,6 +412,8 @@ class Session(asyncio.Protocol):
         self.ep = i
         cluster.selector.acquire(i)
         self.ep_held = True
+        if self.rt.log_exchange is not None:
+            self.t_up = time.monotonic()
         # the endpoint's timeout bounds the whole upstream exchange, within the request timeout
         self.deadline = min(self.t0 + self.rt.proxy.request_timeout_seconds,
                             time.monotonic() + cluster.ep_timeouts[i])
@@ -796,11 +801,16 @@ class Session(asyncio.Protocol):
                 self.server.report_passive(cluster.name, cluster.endpoints[i].id, "connect_failed")
             if cluster.tracks:
                 cluster.report(i, 0, time.monotonic() - self.t0)
-            self.server.metrics.observe_upstream(
-                cluster.endpoints[i].id,
-                "timeout" if exc.status_hint == 504 else
-                ("bad_response" if bad_response else
-                 ("connect_error" if connect else "reset")), time.monotonic() - self.t0)
+            outcome = ("timeout" if exc.status_hint == 504 else
+                       ("bad_response" if bad_response else
+                        ("connect_error" if connect else "reset")))
+            self.server.metrics.observe_upstream(cluster.endpoints[i].id, outcome,
+                                                 time.monotonic() - self.t0)
+            if self.rt is not None and self.rt.log_exchange is not None:
+                if self.attempts is None:
+                    self.attempts = []
+                self.attempts.append((cluster.endpoints[i].id, self.t_up, time.monotonic(),
+                                      outcome))
         up = self.upstream
         if up is not None:
             up.owner = None
@@ -1021,3 +1031,21 @@ class Session(asyncio.Protocol):
         plan = self.plan
         if plan is not None and plan.log_hooks:
             plan.log(status, None if status < 500 and status != 499 else str(status))
+        rt = self.rt if self.rt is not None else self.server.runtime
+        sink = rt.log_exchange
+        if sink is not None:
+            sink(self._exchange(status))
+
+    def _exchange(self, status: int):
+        """The log-phase record (observability/exchange.py) of this exchange."""
+        now = time.monotonic()
+        attempts = self.attempts if self.attempts is not None else []
+        ep_id = None
+        if self.ep >= 0 and self.cluster is not None:
+            ep_id = self.cluster.endpoints[self.ep].id
+            if not (attempts and attempts[-1][0] == ep_id and attempts[-1][1] == self.t_up):
+                attempts.append((ep_id, self.t_up, now, "ok"))
+        return make_exchange(self.t0, now, self.peer_ip, self.head, self.domain, status,
+                             self.req_bytes, self.resp_bytes, self.rid, self.cluster, ep_id,
+                             attempts, self.plan,
+                             None if status < 500 and status != 499 else str(status))

@@ -50,7 +50,7 @@ class DataPlane:
         self.channel = channel
         self.static = init.static
         self.metrics = WorkerMetrics()
-        self.state = WorkerState(loop, self.metrics)
+        self.state = WorkerState(loop, self.metrics, init.worker_id)
         self.state.health.update(init.health)
         self.runtime = build_runtime(init.snapshot, self.state)
         self.sessions: set[Session] = set()
@@ -245,6 +245,9 @@ async def _amain(fd: int) -> int:
     channel.send(m.Ready(worker_id=init.worker_id, pid=os.getpid(), version=plane.runtime.version))
     log.info("worker ready", extra={"fields": {"version": plane.runtime.version}})
     await plane.done
+    # log sinks (access log, traffic records, spans) write what they hold: no record is
+    # lost on a graceful shutdown
+    await plane.state.observers.flush()
     # give the last writes a moment to flush through the closing transports
     await asyncio.sleep(0)
     return plane.exit_code

@@ -1,0 +1,189 @@
+"""The log phase's record of one exchange, and the per-worker fan-out to its sinks.
+
+ARCHITECTURE §2 step 9: access logs, traffic records, trace spans and custom metrics all
+read the same facts about a finished exchange. The Session (compiled or pure) builds one
+:class:`Exchange` per request, *only* when at least one sink is configured (the runtime's
+``log_exchange`` is None otherwise, so the fast path pays one pointer test), and hands it
+to :meth:`Observers.dispatch`, which calls each sink in turn.
+
+Sinks must not block: they append to a buffer or a bounded queue and return (the writers
+flush off the request path). A sink that raises is counted
+(``dispa_log_sink_errors_total{sink}``) and never breaks the request or the other sinks.
+
+Adding a sink: write a factory ``f(snapshot, ctx: SinkContext, previous) -> sink | None``
+and append it to :data:`SINK_FACTORIES`. ``configure`` calls every factory on each new
+snapshot with the sink it built last time (``previous``, or None) so a sink can keep its
+open files and queues across reloads when its settings did not change; it returns None
+when its feature is off. A sink is a callable ``sink(exchange)`` with optional ``close()``
+(called when it is dropped) and ``flush()`` (called on graceful shutdown; may be async).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("dispa.observability")
+
+__all__ = ["Exchange", "Observers", "SinkContext", "SINK_FACTORIES", "make_exchange"]
+
+
+class Exchange:
+    """One finished request/response exchange (read-only for sinks).
+
+    Times: ``start`` is wall-clock epoch seconds of the first byte of the request head;
+    ``t0`` the same instant on ``time.monotonic()``; ``duration`` seconds until the last
+    byte (or the failure). ``attempts`` lists the upstream attempts in order, as
+    ``(endpoint_id, start_monotonic, end_monotonic, outcome)`` with outcome ``"ok"`` or
+    the failure kind (``connect_error``, ``timeout``, ``reset``, ``bad_response``);
+    empty when no upstream was tried (local answers). ``request_headers`` are the client's
+    raw ``(name, value)`` byte pairs as received (casing kept). ``request`` is the filter
+    API's :class:`~dispa.plugins.api.Request` when the pipeline ran (its ``ctx`` carries
+    filter state, e.g. the tracing context), else None.
+    """
+
+    __slots__ = ("start", "t0", "duration", "client_ip", "method", "target", "version",
+                 "host", "domain", "status", "bytes_in", "bytes_out", "request_headers",
+                 "request_id", "route", "cluster", "endpoint", "attempts", "error",
+                 "request", "scheme", "tls")
+
+    def __init__(self, **kw: Any):
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
+
+    def header(self, name: str | bytes) -> Optional[str]:
+        """The first request header of that name (case-insensitive), decoded, or None."""
+        n = name.encode("latin-1") if isinstance(name, str) else name
+        n = n.lower()
+        for k, v in self.request_headers or ():
+            if k.lower() == n:
+                return v.decode("latin-1")
+        return None
+
+    @property
+    def upstream_seconds(self) -> Optional[float]:
+        """Time spent on the last upstream attempt, or None without one."""
+        if not self.attempts:
+            return None
+        _, a, b, _ = self.attempts[-1]
+        return max(0.0, b - a)
+
+    def __repr__(self) -> str:
+        return (f"<Exchange {self.method} {self.target} {self.status} "
+                f"{self.duration * 1000 if self.duration else 0:.3f}ms>")
+
+
+def make_exchange(t0: float, now: float, client_ip: str, head, domain: str, status: int,
+                  bytes_in: int, bytes_out: int, rid: bytes, cluster, endpoint: str,
+                  attempts, plan, error: Optional[str], scheme: str = "http",
+                  tls: Optional[dict] = None) -> Exchange:
+    """Build the record from the Session's state (both twins call this)."""
+    req = plan.req if plan is not None else None
+    if head is not None:
+        method = head.method.decode("latin-1")
+        target = head.target.decode("latin-1")
+        version = "HTTP/1.1" if head.version == 11 else "HTTP/1.0"
+        headers = head.headers
+        host = None
+        for k, v in headers:
+            if len(k) == 4 and k.lower() == b"host":
+                host = v.decode("latin-1")
+                break
+    else:
+        method, target, version, headers, host = "-", "-", "-", [], None
+    duration = now - t0
+    return Exchange(
+        start=time.time() - (time.monotonic() - t0), t0=t0, duration=duration,
+        client_ip=client_ip, method=method, target=target, version=version, host=host,
+        domain=domain or "-", status=status, bytes_in=bytes_in, bytes_out=bytes_out,
+        request_headers=headers, request_id=rid.decode("latin-1") if rid else "",
+        route=getattr(req, "route", None) if req is not None else None,
+        cluster=getattr(cluster, "name", None) if cluster is not None else None,
+        endpoint=endpoint or None, attempts=list(attempts or ()), error=error,
+        request=req, scheme=scheme, tls=tls)
+
+
+class SinkContext:
+    """What a sink factory gets besides the snapshot."""
+
+    __slots__ = ("loop", "metrics", "worker_id")
+
+    def __init__(self, loop, metrics, worker_id: int):
+        self.loop = loop
+        self.metrics = metrics  # observability.metrics.WorkerMetrics
+        self.worker_id = worker_id
+
+
+#: Sink factories, called in this order on every snapshot (see the module docstring).
+SINK_FACTORIES: list[Callable[[Any, SinkContext, Any], Any]] = []
+
+
+class Observers:
+    """A worker's sinks: rebuilt on each snapshot, flushed on graceful shutdown."""
+
+    def __init__(self, ctx: SinkContext):
+        self.ctx = ctx
+        self._by_factory: dict[Callable, Any] = {}
+        self.sinks: tuple = ()
+
+    def configure(self, snapshot) -> Optional[Callable[[Exchange], None]]:
+        """Build the sinks for ``snapshot``; return the dispatch function, or None when
+        no sink is configured (the Session then builds no Exchange at all)."""
+        built: dict[Callable, Any] = {}
+        for factory in SINK_FACTORIES:
+            previous = self._by_factory.get(factory)
+            try:
+                sink = factory(snapshot, self.ctx, previous)
+            except Exception:  # noqa: BLE001 - a broken sink must not block a snapshot
+                log.exception("log sink %s failed to build; keeping it off",
+                              getattr(factory, "__name__", factory))
+                sink = None
+            if previous is not None and sink is not previous:
+                _close(previous)
+            if sink is not None:
+                built[factory] = sink
+        self._by_factory = built
+        self.sinks = tuple(built.values())
+        return self.dispatch if self.sinks else None
+
+    def dispatch(self, ex: Exchange) -> None:
+        for sink in self.sinks:
+            try:
+                sink(ex)
+            except Exception:  # noqa: BLE001 - logging must never break a request
+                if self.ctx.metrics is not None:
+                    self.ctx.metrics.inc("dispa_log_sink_errors_total",
+                                         (("sink", type(sink).__name__),))
+
+    async def flush(self) -> None:
+        """Graceful shutdown: let every sink write what it holds."""
+        for sink in self.sinks:
+            fn = getattr(sink, "flush", None)
+            if fn is None:
+                continue
+            try:
+                r = fn()
+                if inspect.isawaitable(r):
+                    await r
+            except Exception:  # noqa: BLE001
+                log.exception("log sink %s failed to flush", type(sink).__name__)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            _close(sink)
+        self.sinks = ()
+        self._by_factory = {}
+
+
+def _close(sink) -> None:
+    fn = getattr(sink, "close", None)
+    if fn is not None:
+        try:
+            r = fn()
+            if inspect.isawaitable(r):
+                asyncio.ensure_future(r)
+        except Exception:  # noqa: BLE001
+            log.exception("log sink %s failed to close", type(sink).__name__)
