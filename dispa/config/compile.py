@@ -62,6 +62,7 @@ def compile_config(config: m.Config, *,
         clusters=tuple(clusters),
         default_cluster=DEFAULT_CLUSTER,
         pipeline=compile_pipeline(config),
+        observability=compile_observability(config),
     )
     return compile_static(config, workers_override), snapshot
 
@@ -100,6 +101,36 @@ def compile_pipeline(config: m.Config) -> PipelineSpec:
         routing_log=bool(routing is not None and routing.enable_logging),
         geo=_plain(getattr(config, "geo", None)),
     )
+
+
+def compile_observability(config: m.Config) -> dict | None:
+    """The log-phase features as plain data for ``Snapshot.observability``; None when all
+    are off (the worker then builds no log sinks and the Session no Exchange record).
+
+    Keys, each present only when its feature is on: ``access_log``, ``traffic_log``,
+    ``redaction`` (dispa/observability/logs docs), ``tracing`` (observability/tracing),
+    ``custom_metrics`` (observability/custom_metrics).
+    """
+    parts: dict = {}
+    for key, compile_part in OBSERVABILITY_PARTS:
+        value = compile_part(config)
+        if value is not None:
+            parts[key] = value
+    return parts or None
+
+
+def _custom_metrics_part(config: m.Config):
+    mon = config.monitoring
+    metrics = getattr(mon, "custom_metrics", None)
+    if not metrics:
+        return None
+    return {"metrics": _plain(metrics)}
+
+
+#: (key, function(config) -> plain data or None), one per log-phase feature.
+OBSERVABILITY_PARTS: list = [
+    ("custom_metrics", _custom_metrics_part),
+]
 
 
 def compile_static(config: m.Config, workers_override: int | None = None) -> StaticSpec:
