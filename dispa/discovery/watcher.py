@@ -1,0 +1,463 @@
+"""The discovery watcher: providers -> queue -> dedupe -> throttle -> merge -> publish.
+
+Theory of operation
+-------------------
+The master owns one :class:`DiscoveryWatcher` (STYLE C7, step 2). It builds one provider
+per kind in use (``registry.build_provider``) and runs each under a supervisor that restarts
+it with exponential backoff if it ever raises or returns. Providers ``emit`` complete
+``EndpointSet``s onto an ``asyncio.Queue``; the consumer
+
+1. **dedupes**: a set whose endpoints equal the last one of the same ``(provider,
+   service)`` changes nothing (its revision is still recorded for status);
+2. **throttles**: at most one publish per ``[service_discovery] throttle`` window; every
+   change that arrives inside the window rides on the next publish;
+3. **publishes** by calling the master's ``publish()`` coroutine, which calls
+   :meth:`DiscoveryWatcher.merge` on the snapshot compiled from the file and applies the
+   result to the workers and the health checker.
+
+:meth:`merge` is pure: for each cluster with a discovery source it replaces the cluster's
+endpoints by the discovered set (or appends them to the static ones with ``keep_static``).
+A cluster whose provider has not answered yet keeps its static endpoints. An empty set is
+an answer ("no instances"): the cluster becomes empty and requests get 503. A registry
+*error* never produces a set (the provider records it in its health and does not emit), so
+the last known good set stays in force; the provider's health turns ``stale``.
+
+A config reload calls :meth:`reconfigure` (providers whose settings or sources changed are
+restarted; the sets they had stay in force until they answer again) and merges the current
+sets into the new snapshot before it is applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import Awaitable, Callable, Optional
+
+import msgspec
+
+from dispa.config.snapshot import ClusterSpec, EndpointSpec, Snapshot, make_snapshot
+from dispa.discovery.config import (
+    DiscoverySource, ServiceDiscoveryConfig, source_kind,
+)
+from dispa.discovery.provider import Backoff, DiscoveredEndpoint, EndpointSet, Instance, Provider
+from dispa.discovery.registry import build_provider, sources_by_kind
+
+__all__ = ["DiscoveryWatcher", "merge_snapshot", "endpoint_specs"]
+
+log = logging.getLogger("dispa.discovery")
+
+Key = tuple[str, str]  # (provider name, service)
+
+#: How long register/deregister (and closing the providers) may take before the master
+#: moves on.
+REGISTER_TIMEOUT_SECONDS = 5.0
+
+
+def endpoint_specs(endpoints: tuple[DiscoveredEndpoint, ...], source: DiscoverySource,
+                   ) -> tuple[EndpointSpec, ...]:
+    """Discovered endpoints as snapshot endpoints: id ``host:port``, the registry's name
+    (``meta["name"]``) or the id, weight at least 1; invalid entries and duplicates
+    dropped; sorted by id so that the same set always compiles to the same snapshot."""
+    out: dict[str, EndpointSpec] = {}
+    for e in endpoints:
+        host = (e.host or "").strip().strip("[]").lower().rstrip(".")
+        if not host or not isinstance(e.port, int) or not 0 < e.port <= 65535:
+            continue
+        eid = f"[{host}]:{e.port}" if ":" in host else f"{host}:{e.port}"
+        if eid in out:
+            continue
+        name = e.meta.get("name") if isinstance(e.meta, dict) else None
+        weight = e.weight if isinstance(e.weight, int) and e.weight >= 1 else 1
+        out[eid] = EndpointSpec(id=eid, name=str(name) if name else eid, host=host,
+                                port=e.port, weight=min(weight, 1_000_000),
+                                timeout_seconds=float(source.timeout))
+    return tuple(out[k] for k in sorted(out))
+
+
+def merge_snapshot(snapshot: Snapshot, bindings: dict[str, tuple[Key, DiscoverySource]],
+                   sets: dict[Key, EndpointSet]) -> Snapshot:
+    """``snapshot`` with the discovered endpoints in place (see the module docstring).
+
+    ``bindings`` maps a cluster name to its ``(provider, service)`` key and source;
+    ``sets`` holds the last set of each key. Returns ``snapshot`` itself when nothing
+    changes."""
+    clusters: list[ClusterSpec] = []
+    changed = False
+    for cluster in snapshot.clusters:
+        bound = bindings.get(cluster.name)
+        found = sets.get(bound[0]) if bound is not None else None
+        if found is None:
+            clusters.append(cluster)
+            continue
+        source = bound[1]
+        discovered = endpoint_specs(found.endpoints, source)
+        if source.keep_static:
+            static_ids = {e.id for e in cluster.endpoints}
+            endpoints = cluster.endpoints + tuple(e for e in discovered
+                                                  if e.id not in static_ids)
+        else:
+            endpoints = discovered
+        if endpoints != cluster.endpoints:
+            cluster = msgspec.structs.replace(cluster, endpoints=endpoints)
+            changed = True
+        clusters.append(cluster)
+    if not changed:
+        return snapshot
+    fields = {f: getattr(snapshot, f) for f in snapshot.__struct_fields__ if f != "version"}
+    fields["clusters"] = tuple(clusters)
+    return make_snapshot(**fields)
+
+
+class DiscoveryWatcher:
+    """Runs the providers and feeds their endpoint sets into snapshots (module docstring).
+
+    ``publish`` is a coroutine function the watcher awaits (one call at a time) when the
+    merged snapshot may have changed; ``factory(kind, settings, sources)`` builds a provider
+    (``registry.build_provider``; tests pass their own).
+    """
+
+    def __init__(self, settings: Optional[ServiceDiscoveryConfig],
+                 sources: dict[str, DiscoverySource],
+                 publish: Callable[[], Awaitable[None]], *,
+                 factory: Callable[..., Provider] = build_provider,
+                 clock: Callable[[], float] = time.monotonic):
+        self.publish = publish
+        self.factory = factory
+        self.clock = clock
+        self.settings = settings or ServiceDiscoveryConfig()
+        self.sources: dict[str, DiscoverySource] = {}
+        self.bindings: dict[str, tuple[Key, DiscoverySource]] = {}
+        self.providers: dict[str, Provider] = {}
+        self._inputs: dict[str, tuple] = {}  # kind -> (settings, sources) it was built with
+        self._tasks: dict[str, asyncio.Task] = {}
+        self.sets: dict[Key, EndpointSet] = {}
+        self.revisions: dict[Key, str] = {}
+        self.updated_at: dict[Key, float] = {}  # wall clock of the last change
+        self.updates: dict[str, int] = {}  # accepted (changed) sets per provider
+        self.duplicates = 0
+        self.publishes = 0
+        self.queue: asyncio.Queue[EndpointSet] = asyncio.Queue()
+        self._consumer: Optional[asyncio.Task] = None
+        self._dirty = False
+        self._last_publish = -math.inf
+        self._first = asyncio.Event()
+        self._started_at = time.time()
+        self._register_task: Optional[asyncio.Task] = None
+        self._registered: Optional[tuple[Provider, Instance]] = None
+        self._own_register_provider: Optional[Provider] = None
+        self._deferred_close: list[Provider] = []
+        self._set_sources(sources)
+
+    # ------------------------------------------------------------------ configuration
+    def _set_sources(self, sources: dict[str, DiscoverySource]) -> None:
+        self.sources = dict(sources)
+        self.bindings = {cluster: ((source_kind(s, self.settings), s.service), s)
+                         for cluster, s in self.sources.items()}
+
+    @property
+    def wanted(self) -> set[Key]:
+        """The ``(provider, service)`` keys some cluster consumes."""
+        return {key for key, _ in self.bindings.values()}
+
+    @property
+    def throttle(self) -> float:
+        return float(self.settings.throttle)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Build and start the providers and the consumer."""
+        self._sync_providers()
+        if self._consumer is None:
+            self._consumer = asyncio.ensure_future(self._consume())
+
+    async def wait_initial(self, timeout: float) -> bool:
+        """Wait until every consumed service has a set, or ``timeout``; True if all have.
+        The master calls it before starting workers so that they start with the registry's
+        endpoints rather than the static ones."""
+        deadline = self.clock() + timeout
+        while not self.wanted <= set(self.sets):
+            left = deadline - self.clock()
+            if left <= 0:
+                return False
+            self._first.clear()
+            try:
+                await asyncio.wait_for(self._first.wait(), min(left, 0.5))
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    async def reconfigure(self, settings: Optional[ServiceDiscoveryConfig],
+                          sources: dict[str, DiscoverySource]) -> None:
+        """Adopt a reloaded configuration: restart only the providers whose settings or
+        sources changed; sets of services no longer consumed are forgotten."""
+        self.settings = settings or ServiceDiscoveryConfig()
+        self._set_sources(sources)
+        wanted = self.wanted
+        for key in [k for k in self.sets if k not in wanted]:
+            self.sets.pop(key, None)
+            self.revisions.pop(key, None)
+            self.updated_at.pop(key, None)
+        self._sync_providers()
+
+    def _sync_providers(self) -> None:
+        by_kind = sources_by_kind(self.settings, self.sources)
+        for kind in list(self.providers):
+            inputs = (self.settings, tuple(by_kind.get(kind, ())))
+            if kind not in by_kind or self._inputs.get(kind) != inputs:
+                self._stop_provider(kind)
+        for kind, sources in by_kind.items():
+            if kind in self.providers:
+                continue
+            try:
+                provider = self.factory(kind, self.settings, list(sources))
+            except Exception as exc:  # an import error, a bad option the checks missed
+                log.error("discovery provider %s cannot start: %s", kind, exc)
+                continue
+            self.providers[kind] = provider
+            self._inputs[kind] = (self.settings, tuple(sources))
+            self.updates.setdefault(kind, 0)
+            self._tasks[kind] = asyncio.ensure_future(self._supervise(provider))
+
+    def _stop_provider(self, kind: str) -> None:
+        task = self._tasks.pop(kind, None)
+        if task is not None:
+            task.cancel()
+        provider = self.providers.pop(kind, None)
+        self._inputs.pop(kind, None)
+        if provider is None:
+            return
+        if self._registered is not None and self._registered[0] is provider:
+            # it keeps the registration alive (TTL check, lease): close it at stop()
+            self._deferred_close.append(provider)
+        else:
+            asyncio.ensure_future(_quiet_close(provider))
+
+    async def stop(self) -> None:
+        """Stop the consumer and every provider (self-registration: see ``deregister``)."""
+        if self._register_task is not None:
+            self._register_task.cancel()
+        tasks = list(self._tasks.values())
+        if self._consumer is not None:
+            tasks.append(self._consumer)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._consumer = None
+        providers = list(self.providers.values()) + self._deferred_close
+        if self._own_register_provider is not None:
+            providers.append(self._own_register_provider)
+        self._deferred_close = []
+        self.providers.clear()
+        self._inputs.clear()
+        try:  # a registry that hangs must not hold up the shutdown
+            await asyncio.wait_for(asyncio.gather(*(_quiet_close(p) for p in providers)),
+                                   REGISTER_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            log.warning("discovery: providers did not close within %.0fs",
+                        REGISTER_TIMEOUT_SECONDS)
+
+    async def _supervise(self, provider: Provider) -> None:
+        """Run ``provider`` forever: a crash or an unexpected return is a registry error
+        (health ``stale``, last known good kept), retried with exponential backoff."""
+        backoff = Backoff()
+        while True:
+            try:
+                await provider.run(self.emit)
+                problem = "provider stopped"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            provider.health.failed(problem)
+            provider.health.reconnects += 1
+            log.warning("discovery provider %s failed (%s); restarting", provider.name,
+                        problem)
+            await backoff.sleep()
+            if provider.health.state == "ok":
+                backoff.reset()
+
+    # ------------------------------------------------------------------ the pipeline
+    def emit(self, update: EndpointSet) -> None:
+        """What providers call: queue one set (never blocks, never raises)."""
+        self.queue.put_nowait(update)
+
+    def offer(self, update: EndpointSet) -> bool:
+        """Dedupe step: record ``update``; True when it changes the endpoints in force."""
+        key = (update.provider, update.service)
+        if key not in self.wanted:
+            return False
+        self.revisions[key] = update.revision
+        previous = self.sets.get(key)
+        # order-insensitive: registries list instances in no stable order
+        endpoints = tuple(sorted(update.endpoints,
+                                 key=lambda e: (e.host, e.port, e.weight, repr(e.meta))))
+        if previous is not None and previous.endpoints == endpoints:
+            self.duplicates += 1
+            return False
+        self.sets[key] = msgspec.structs.replace(update, endpoints=endpoints)
+        self.updated_at[key] = time.time()
+        self.updates[update.provider] = self.updates.get(update.provider, 0) + 1
+        self._dirty = True
+        self._first.set()
+        return True
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                update = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            self._offer_safely(update)
+
+    def _offer_safely(self, update) -> None:
+        try:
+            self.offer(update)
+        except Exception as exc:  # a malformed update from a provider must not stop us
+            log.error("discovery: ignoring a malformed update %r: %s", update, exc)
+
+    async def _consume(self) -> None:
+        while True:
+            self._offer_safely(await self.queue.get())
+            self._drain()
+            if not self._dirty:
+                continue
+            wait = self._last_publish + self.throttle - self.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+                self._drain()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Publish now if something changed since the last publish."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        self._last_publish = self.clock()
+        self.publishes += 1
+        try:
+            await self.publish()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("discovery: publishing the discovered endpoints failed")
+
+    def merge(self, snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` (compiled from the file) with the current discovered sets."""
+        return merge_snapshot(snapshot, self.bindings, self.sets)
+
+    # ------------------------------------------------------------------ self-registration
+    def start_registration(self, instance: Instance, kind: str) -> None:
+        """Register ``instance`` with the ``kind`` provider in the background, retrying
+        with backoff until it succeeds."""
+        self._register_task = asyncio.ensure_future(self._register(instance, kind))
+
+    async def _register(self, instance: Instance, kind: str) -> None:
+        provider = self.providers.get(kind)
+        if provider is None:
+            provider = self._own_register_provider = self.factory(kind, self.settings, [])
+        backoff = Backoff()
+        while True:
+            try:
+                await asyncio.wait_for(provider.register(instance), REGISTER_TIMEOUT_SECONDS)
+            except asyncio.CancelledError:
+                raise
+            except NotImplementedError as exc:
+                log.error("self-registration: %s", exc)
+                return
+            except Exception as exc:
+                log.warning("self-registration with %s failed (%s: %s); retrying", kind,
+                            type(exc).__name__, exc)
+                await backoff.sleep()
+                continue
+            self._registered = (provider, instance)
+            log.info("registered", extra={"fields": {"provider": kind,
+                                                     "service": instance.service,
+                                                     "id": instance.id}})
+            return
+
+    async def deregister(self) -> None:
+        """Withdraw the registration (graceful shutdown, before the workers drain)."""
+        if self._register_task is not None:
+            self._register_task.cancel()
+            await asyncio.gather(self._register_task, return_exceptions=True)
+            self._register_task = None
+        if self._registered is None:
+            return
+        provider, instance = self._registered
+        self._registered = None
+        try:
+            await asyncio.wait_for(provider.deregister(), REGISTER_TIMEOUT_SECONDS)
+            log.info("deregistered", extra={"fields": {"provider": provider.name,
+                                                       "id": instance.id}})
+        except Exception as exc:
+            log.warning("deregistration from %s failed: %s: %s", provider.name,
+                        type(exc).__name__, exc)
+
+    # ------------------------------------------------------------------ observability
+    def staleness(self, provider: Provider) -> float:
+        """Seconds the provider's data has gone unconfirmed (0 while healthy; since the
+        watcher started when it never answered)."""
+        s = provider.health.staleness_seconds()
+        return max(0.0, time.time() - self._started_at) if math.isinf(s) else s
+
+    def status(self) -> dict:
+        """For /admin/status ``discovery``."""
+        providers = {}
+        for kind, p in self.providers.items():
+            try:
+                st = dict(p.status())
+            except Exception as exc:  # a provider's status must not break the page
+                st = {"kind": kind, "status_error": str(exc)}
+            st["updates"] = self.updates.get(kind, 0)
+            st["staleness_seconds"] = round(self.staleness(p), 3)
+            providers[kind] = st
+        clusters = {}
+        for cluster, (key, source) in sorted(self.bindings.items()):
+            found = self.sets.get(key)
+            clusters[cluster] = {
+                "provider": key[0], "service": key[1],
+                "state": "waiting" if found is None else "discovered",
+                "revision": self.revisions.get(key),
+                "endpoints": None if found is None else len(found.endpoints),
+                "keep_static": source.keep_static,
+                "updated_at": self.updated_at.get(key),
+                "provider_state": (self.providers[key[0]].health.state
+                                   if key[0] in self.providers else "absent"),
+            }
+        registered = None
+        if self._registered is not None:
+            registered = {"provider": self._registered[0].name,
+                          **msgspec.to_builtins(self._registered[1])}
+        return {"providers": providers, "clusters": clusters, "publishes": self.publishes,
+                "duplicates_dropped": self.duplicates, "registered": registered}
+
+    def gauges(self, snapshot: Snapshot) -> list[tuple]:
+        """Metrics in the master's ``(name, help, labels, value)`` form."""
+        out: list[tuple] = []
+        for kind, p in self.providers.items():
+            labels = {"provider": kind}
+            out.append(("dispa_discovery_staleness_seconds",
+                        "Seconds since the provider's registry last answered (0: healthy)",
+                        labels, self.staleness(p)))
+            out.append(("dispa_discovery_updates_total",
+                        "Endpoint sets that changed a service's endpoints", labels,
+                        float(self.updates.get(kind, 0))))
+            out.append(("dispa_discovery_errors_total",
+                        "Registry errors seen by the provider", labels,
+                        float(p.health.errors)))
+        sizes = {c.name: len(c.endpoints) for c in snapshot.clusters}
+        for cluster in sorted(self.bindings):
+            out.append(("dispa_discovery_endpoints",
+                        "Endpoints of a discovery-backed cluster in the snapshot in force",
+                        {"cluster": cluster}, float(sizes.get(cluster, 0))))
+        return out
+
+
+async def _quiet_close(provider: Provider) -> None:
+    try:
+        await provider.close()
+    except Exception as exc:
+        log.debug("closing provider %s: %s", provider.name, exc)

@@ -1,0 +1,365 @@
+"""DNS service discovery end to end: a real dnsmasq, real origins, a real dispa-server.
+
+The zone's ``api.test`` A records list the live origins (each on its own loopback address,
+all on one port). While a bounded keep-alive load runs through Dispa, the zone changes:
+
+* an origin is added: traffic reaches it within the bound;
+* an origin is removed from the zone while it keeps serving, and stopped only once Dispa has
+  stopped sending to it: zero failed requests;
+* dnsmasq is stopped: traffic continues on the last known good set, /admin/status says
+  ``stale`` and the staleness metric grows;
+* dnsmasq restarts with a changed zone: Dispa resyncs;
+* the name disappears (NXDOMAIN, an authoritative empty answer): requests get 503.
+
+The bound: dnsmasq's TTL (1 s, also ``min_ttl``) + the watcher's throttle (0.5 s) + the
+snapshot swap; we assert ``BOUND`` seconds, generous for a loaded 2-core CI machine, and
+print what we measured.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.support.dispa_proc import DispaProcess, free_port, wait_for
+from tests.support.dnsmasq import Dnsmasq
+from tests.support.origin import Origin
+
+TTL = 1.0
+THROTTLE = 0.5
+BOUND = 6.0  # seconds: TTL + throttle + apply, with headroom for a busy machine
+ADDRESSES = {"o1": "127.0.0.11", "o2": "127.0.0.12", "o3": "127.0.0.13"}
+
+
+class Load:
+    """Keep-alive clients sending GET / until stopped, bounded in count and time; records
+    ``(time, status, origin name)`` per request and every failure."""
+
+    def __init__(self, port: int, threads: int = 2, max_requests: int = 40000,
+                 max_seconds: float = 90.0):
+        self.port, self.threads = port, threads
+        self.max_requests, self.max_seconds = max_requests, max_seconds
+        self.results: list[tuple[float, int, str]] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True)
+                         for _ in range(threads)]
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        conn = None
+        for _ in range(self.max_requests // self.threads):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                break
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/", headers={"Host": "example.com"})
+                r = conn.getresponse()
+                body = r.read().decode(errors="replace")
+                with self._lock:
+                    self.results.append((time.monotonic(), r.status,
+                                         body.removeprefix("ok from ")))
+                    if r.status != 200:
+                        self.failures.append(f"status {r.status}: {body[:80]!r}")
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.failures.append(repr(exc))
+                if conn is not None:
+                    conn.close()
+                conn = None
+            time.sleep(0.002)  # ~500 req/s per client: a load, not a benchmark
+        if conn is not None:
+            conn.close()
+
+    def start(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def served_since(self, t0: float) -> set[str]:
+        with self._lock:
+            return {name for t, status, name in self.results if t >= t0 and status == 200}
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.results)
+
+
+def converged(load: Load, live: set[str], window: float = 0.5):
+    """A predicate for wait_for: the last ``window`` seconds of traffic hit exactly ``live``
+    (returns the time it became true)."""
+    def check():
+        now = time.monotonic()
+        if not load.results or now - load.results[0][0] < window:
+            return None
+        seen = load.served_since(now - window)
+        return now if seen == live else None
+    return check
+
+
+@pytest.fixture
+def dnsmasq(tmp_path):
+    server = Dnsmasq(tmp_path / "dns", ttl=int(TTL))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def origins():
+    started: dict[str, Origin] = {}
+    port = 0
+    for name, host in ADDRESSES.items():
+        o = Origin(name, host=host, port=port).start()
+        port = o.port  # A records carry no port: every origin listens on the same one
+        started[name] = o
+    yield started
+    for o in started.values():
+        o.stop()
+
+
+def _config(tmp_path, dns: Dnsmasq, port: int, admin_port: int, origin_port: int):
+    text = f"""
+[server]
+bind_address = "127.0.0.1:{port}"
+workers = 2
+
+[targets.discovery]
+provider = "dns"
+service = "api.test"
+record = "A"
+port = {origin_port}
+
+[targets.health_check]
+enabled = false
+
+[service_discovery]
+provider = "dns"
+throttle = {THROTTLE}
+
+[service_discovery.dns]
+resolvers = ["{dns.address}"]
+timeout = 0.5
+min_ttl = {TTL}
+max_ttl = 5
+negative_ttl = {TTL}
+
+[monitoring]
+enabled = true
+bind_host = "127.0.0.1"
+metrics_port = {admin_port}
+health_check_port = {admin_port}
+"""
+    path = tmp_path / "dispa.toml"
+    path.write_text(text)
+    return path
+
+
+def _hosts(*names: str) -> dict[str, list[str]]:
+    return {"api.test": [ADDRESSES[n] for n in names]}
+
+
+def _metric(d: DispaProcess, name: str, label: str) -> float | None:
+    code, body = d.admin_get("/metrics")
+    assert code == 200
+    for line in body.decode().splitlines():
+        if line.startswith(name + "{") and label in line:
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _all_workers_on(d: DispaProcess, endpoints: int) -> bool:
+    st = d.status()
+    version = st["snapshot_version"]
+    cluster = st["discovery"]["clusters"]["default"]
+    return (cluster["endpoints"] == endpoints
+            and all(w["snapshot_version"] == version for w in st["workers"]
+                    if w["state"] == "ready"))
+
+
+def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
+    dnsmasq.set_hosts(_hosts("o1", "o2"), reload=False)
+    dnsmasq.start()
+    port, admin = free_port(), free_port()
+    cfg = _config(tmp_path, dnsmasq, port, admin, origins["o1"].port)
+    d = DispaProcess(cfg, port=port, admin_port=admin)
+    load = None
+    timings = {}
+    try:
+        d.wait_ready(workers=2)
+        # the master waited for the first answer: the workers started on the zone's set
+        st = d.status()
+        assert st["discovery"]["clusters"]["default"]["endpoints"] == 2
+        assert st["discovery"]["providers"]["dns"]["state"] == "ok"
+        load = Load(port).start()
+        wait_for(converged(load, {"o1", "o2"}), BOUND, "traffic on o1+o2")
+
+        # 1. add o3 to the zone
+        t0 = time.monotonic()
+        dnsmasq.set_hosts(_hosts("o1", "o2", "o3"))
+        wait_for(lambda: "o3" in load.served_since(t0), BOUND, "traffic reaching o3")
+        timings["add"] = time.monotonic() - t0
+        wait_for(converged(load, {"o1", "o2", "o3"}), BOUND, "traffic on o1+o2+o3")
+
+        # 2. remove o3 from the zone while it still serves; stop it once Dispa is done
+        t0 = time.monotonic()
+        dnsmasq.set_hosts(_hosts("o1", "o2"))
+        wait_for(lambda: _all_workers_on(d, 2), BOUND, "every worker without o3")
+        timings["remove"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        wait_for(lambda: load.count() > 0 and load.results[-1][0] > t1 + 0.3, BOUND,
+                 "traffic after the removal")
+        assert "o3" not in load.served_since(t1)
+        origins["o3"].stop()
+        wait_for(converged(load, {"o1", "o2"}), BOUND, "traffic on o1+o2 after o3 stops")
+        assert load.failures == [], load.failures[:5]
+
+        # a config reload (a hot key changed) keeps the discovered endpoints in force
+        cfg.write_text(cfg.read_text().replace("workers = 2", "workers = 2\nvia = \"edge\""))
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: d.status()["reloads"]["ok"] >= 1, BOUND, "reload")
+        wait_for(lambda: _all_workers_on(d, 2), BOUND, "workers on the reloaded snapshot")
+        t1 = time.monotonic()
+        wait_for(lambda: load.count() > 0 and load.results[-1][0] > t1 + 0.3, BOUND,
+                 "traffic after the reload")
+        assert load.served_since(t1) == {"o1", "o2"}
+
+        # 3. the registry goes away: last known good stays, status says stale
+        t0 = time.monotonic()
+        dnsmasq.stop()
+        wait_for(lambda: d.status()["discovery"]["providers"]["dns"]["state"] == "stale",
+                 BOUND + 5, "provider state stale")
+        timings["stale"] = time.monotonic() - t0
+        wait_for(lambda: (_metric(d, "dispa_discovery_staleness_seconds",
+                                  'provider="dns"') or 0) >= 1.0, BOUND,
+                 "staleness metric growing")
+        t1 = time.monotonic()
+        wait_for(lambda: load.count() > 0 and load.results[-1][0] > t1 + 1.0, BOUND,
+                 "traffic during the outage")
+        assert load.served_since(t1) == {"o1", "o2"}
+        st = d.status()
+        assert st["discovery"]["clusters"]["default"]["endpoints"] == 2
+        assert (_metric(d, "dispa_discovery_errors_total", 'provider="dns"') or 0) >= 1
+
+        # 4. it returns, with o2 gone from the zone: Dispa resyncs
+        dnsmasq.set_hosts(_hosts("o1"), reload=False)
+        t0 = time.monotonic()
+        dnsmasq.start()
+        wait_for(lambda: d.status()["discovery"]["providers"]["dns"]["state"] == "ok",
+                 BOUND + 5, "provider state ok again")
+        wait_for(converged(load, {"o1"}), BOUND + 5, "traffic on o1 only")
+        timings["resync"] = time.monotonic() - t0
+        load.stop()
+        assert load.failures == [], load.failures[:5]
+        assert load.count() > 200
+        assert _metric(d, "dispa_discovery_endpoints", 'cluster="default"') == 1.0
+        assert (_metric(d, "dispa_discovery_updates_total", 'provider="dns"') or 0) >= 4
+
+        # 5. an authoritative empty answer (NXDOMAIN) empties the cluster: 503
+        dnsmasq.set_hosts({})
+
+        def answered_503():
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                c.request("GET", "/", headers={"Host": "example.com"})
+                return c.getresponse().status == 503
+            finally:
+                c.close()
+        wait_for(answered_503, BOUND, "503 for an empty cluster")
+        st = d.status()
+        assert st["discovery"]["clusters"]["default"]["endpoints"] == 0
+        assert st["discovery"]["providers"]["dns"]["state"] == "ok"
+        print("discovery timings (s):", json.dumps({k: round(v, 2) for k, v in timings.items()}),
+              "requests:", load.count())
+    finally:
+        if load is not None:
+            load.stop()
+        code = d.stop()
+    assert code == 0, d.log()
+
+
+# ---------------------------------------------------------------- the provider itself
+
+def _provider(resolvers, **dns):
+    from dispa.discovery.config import DnsOptions, ServiceDiscoveryConfig
+    from dispa.discovery.dns import DnsProvider
+    opts = DnsOptions(resolvers=resolvers, **dns)
+    return DnsProvider("dns", ServiceDiscoveryConfig(provider="dns", dns=opts), [])
+
+
+def test_srv_priority_and_weight_from_a_real_server(dnsmasq):
+    import asyncio
+    from dispa.discovery.config import DiscoverySource
+    dnsmasq.set_hosts({"t1.test": ["127.0.0.21"], "t2.test": ["127.0.0.22"],
+                       "t3.test": ["127.0.0.23"]}, reload=False)
+    name = "_http._tcp.api.test"
+    dnsmasq.set_srv([(name, "gone.test", 9000, 1, 10),   # best priority, does not resolve
+                     (name, "t1.test", 8001, 10, 60), (name, "t2.test", 8002, 10, 0),
+                     (name, "t3.test", 8003, 20, 100)])
+    dnsmasq.start()
+    p = _provider([dnsmasq.address], timeout=1)
+    endpoints, _ = asyncio.run(p.resolve(DiscoverySource(service=name)))
+    assert sorted((e.host, e.port, e.weight) for e in endpoints) == [
+        ("127.0.0.21", 8001, 60), ("127.0.0.22", 8002, 1)]
+    # the priority-10 group disappears: the priority-20 group takes over
+    dnsmasq.set_srv([(name, "t3.test", 8003, 20, 100)])
+    dnsmasq.restart()
+    p = _provider([dnsmasq.address], timeout=1)
+    endpoints, _ = asyncio.run(p.resolve(DiscoverySource(service=name)))
+    assert [(e.host, e.port, e.weight) for e in endpoints] == [("127.0.0.23", 8003, 100)]
+
+
+def test_failover_across_resolvers_and_negative_caching(tmp_path, dnsmasq):
+    import asyncio
+    import socket
+    from dispa.discovery.config import DiscoverySource
+    dnsmasq.set_hosts({"api.test": ["127.0.0.11"]}, reload=False)
+    dnsmasq.start()
+    # resolver 1 never answers (timeout); resolver 2 is a real server that refuses the name
+    # (not its zone); resolver 3 has the zone
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    refusing = Dnsmasq(tmp_path / "other", domain="other").start()
+    try:
+        p = _provider([f"127.0.0.1:{silent.getsockname()[1]}", refusing.address,
+                       dnsmasq.address], timeout=0.3, negative_ttl=30, min_ttl=1)
+        source = DiscoverySource(service="api.test", record="A", port=80)
+
+        async def main():
+            endpoints, _ = await p.resolve(source)
+            assert [e.host for e in endpoints] == ["127.0.0.11"]
+            assert p.resolver_failures == [1, 1, 0]
+            assert p.status()["preferred_resolver"] == dnsmasq.address
+            # NXDOMAIN is an answer: cached for negative_ttl, no query while it lasts
+            gone = DiscoverySource(service="gone.test", record="A", port=80)
+            assert (await p.resolve(gone))[0] == ()
+            queries = p.queries
+            assert (await p.resolve(gone))[0] == ()
+            assert p.queries == queries and p.cache.is_negative("gone.test.", "A")
+            # every resolver failing is an error, never an empty answer
+            dnsmasq.stop()
+            fresh = DiscoverySource(service="new.test", record="A", port=80)
+            try:
+                await p.resolve(fresh)
+            except Exception as exc:
+                assert type(exc).__name__ == "DnsError"
+            else:
+                raise AssertionError("a failed resolution must raise")
+        asyncio.run(main())
+    finally:
+        silent.close()
+        refusing.stop()

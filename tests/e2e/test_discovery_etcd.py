@@ -1,0 +1,315 @@
+"""etcd service discovery end to end: a real etcd (Debian's etcd-server), real origins, a
+real dispa-server whose target group ``api`` comes from the key prefix ``/services/api/``.
+
+Each origin is one key (``/services/api/<name>`` = ``{"host", "port"}``), written by the
+test as an instance's agent would. While a bounded keep-alive load runs through Dispa:
+
+* instances are added: traffic reaches them;
+* an instance deregisters gracefully (its key is deleted, it keeps serving until Dispa has
+  stopped sending to it, then exits): zero failed requests;
+* etcd is stopped: traffic continues on the last known good set, /admin/status and the
+  staleness metric say ``stale``;
+* etcd returns and the prefix changes before Dispa has reconnected: Dispa resumes its watch
+  from the last revision it saw (no re-list) and resyncs;
+* Dispa registers itself under ``/dispa/nodes/`` with a lease it keeps alive, and revokes
+  it on graceful shutdown (the key goes at once, not at lease expiry).
+
+The bound: the watch event (milliseconds) + the watcher's throttle (0.5 s) + the snapshot
+swap. After etcd returns, the reconnect backoff (0.5 s doubling from the first failure,
+capped at 30 s; reset on success) adds up to a few seconds. We assert ``BOUND`` /
+``RESYNC_BOUND``, generous for a loaded 2-core CI machine, and print what we measured.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import threading
+import time
+
+import pytest
+
+from tests.support.dispa_proc import DispaProcess, free_port, wait_for
+from tests.support.etcd_server import EtcdServer, etcd_available
+from tests.support.origin import Origin
+
+THROTTLE = 0.5
+BOUND = 6.0  # seconds: event + throttle + apply, with headroom for a busy machine
+RESYNC_BOUND = 20.0  # after etcd returns: reconnect backoff included
+PREFIX = "/services/api/"
+NODE_KEY = "/dispa/nodes/dispa-e2e"
+REGISTER_TTL = 10  # long enough that "gone at once" cannot be a lease expiry
+
+
+class Load:
+    """Keep-alive clients sending GET / until stopped, bounded in count and time; records
+    ``(time, status, origin name)`` per request and every failure."""
+
+    def __init__(self, port: int, threads: int = 2, max_requests: int = 40000,
+                 max_seconds: float = 120.0):
+        self.port, self.threads = port, threads
+        self.max_requests, self.max_seconds = max_requests, max_seconds
+        self.results: list[tuple[float, int, str]] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True)
+                         for _ in range(threads)]
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        conn = None
+        for _ in range(self.max_requests // self.threads):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                break
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/", headers={"Host": "example.com"})
+                r = conn.getresponse()
+                body = r.read().decode(errors="replace")
+                with self._lock:
+                    self.results.append((time.monotonic(), r.status,
+                                         body.removeprefix("ok from ")))
+                    if r.status != 200:
+                        self.failures.append(f"status {r.status}: {body[:80]!r}")
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.failures.append(repr(exc))
+                if conn is not None:
+                    conn.close()
+                conn = None
+            time.sleep(0.002)  # ~500 req/s per client: a load, not a benchmark
+        if conn is not None:
+            conn.close()
+
+    def start(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def served_since(self, t0: float) -> set[str]:
+        with self._lock:
+            return {name for t, status, name in self.results if t >= t0 and status == 200}
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.results)
+
+    def last_time(self) -> float:
+        with self._lock:
+            return self.results[-1][0] if self.results else 0.0
+
+
+def converged(load: Load, live: set[str], window: float = 0.5):
+    """A predicate for wait_for: the last ``window`` seconds of traffic hit exactly ``live``."""
+    def check():
+        now = time.monotonic()
+        with load._lock:
+            if not load.results or now - load.results[0][0] < window:
+                return None
+        return now if load.served_since(now - window) == live else None
+    return check
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    etcd_available()
+    server = EtcdServer(tmp_path / "etcd").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def origins():
+    started = {name: Origin(name).start() for name in ("o1", "o2", "o3", "o4")}
+    yield started
+    for o in started.values():
+        o.stop()
+
+
+def _announce(etcd: EtcdServer, origin: Origin) -> int:
+    return etcd.put(PREFIX + origin.name, {"host": origin.host, "port": origin.port,
+                                           "meta": {"name": origin.name}})
+
+
+def _config(tmp_path, etcd: EtcdServer, port: int, admin_port: int, static_url: str):
+    text = f"""
+[server]
+bind_address = "127.0.0.1:{port}"
+workers = 2
+
+[[targets.targets]]
+name = "static"
+url = "{static_url}"
+
+[targets.health_check]
+enabled = false
+
+[[target_groups]]
+name = "api"
+
+[target_groups.discovery]
+provider = "etcd"
+service = "{PREFIX}"
+
+[target_groups.health_check]
+enabled = false
+
+[routing]
+default_target = "api"
+
+[service_discovery]
+provider = "etcd"
+throttle = {THROTTLE}
+refresh_interval = 10
+
+[service_discovery.etcd]
+endpoints = ["{etcd.url}"]
+dial_timeout = 2
+
+[service_discovery.register]
+service = "/dispa/nodes"
+id = "dispa-e2e"
+address = "127.0.0.1"
+ttl = {REGISTER_TTL}
+
+[monitoring]
+enabled = true
+bind_host = "127.0.0.1"
+metrics_port = {admin_port}
+health_check_port = {admin_port}
+"""
+    path = tmp_path / "dispa.toml"
+    path.write_text(text)
+    return path
+
+
+def _all_workers_on(d: DispaProcess, endpoints: int) -> bool:
+    """The snapshot in force has ``endpoints`` endpoints in ``api`` and every ready worker
+    runs it (the status's discovery ``endpoints`` is the watcher's latest set, which can
+    be ahead of the snapshot by the throttle window)."""
+    code, body = d.admin_get("/metrics")
+    m = re.search(rb'^dispa_discovery_endpoints\{cluster="api"\} (\S+)$', body, re.M)
+    if code != 200 or not m or float(m.group(1)) != endpoints:
+        return False
+    st = d.status()
+    version = st["snapshot_version"]
+    return all(w["snapshot_version"] == version for w in st["workers"] if w["state"] == "ready")
+
+
+def _provider(d: DispaProcess) -> dict:
+    return d.status()["discovery"]["providers"]["etcd"]
+
+
+def _staleness_metric(d: DispaProcess) -> float:
+    code, body = d.admin_get("/metrics")
+    assert code == 200
+    m = re.search(rb'^dispa_discovery_staleness_seconds\{provider="etcd"\} (\S+)$', body, re.M)
+    assert m, "no dispa_discovery_staleness_seconds for etcd"
+    return float(m.group(1))
+
+
+def test_etcd_discovery_follows_the_prefix_under_load(tmp_path, etcd, origins):
+    static = Origin("static").start()
+    _announce(etcd, origins["o1"])
+    _announce(etcd, origins["o2"])
+    port, admin = free_port(), free_port()
+    d = DispaProcess(_config(tmp_path, etcd, port, admin, static.url), port=port,
+                     admin_port=admin)
+    load = None
+    timings = {}
+    try:
+        d.wait_ready(workers=2)
+        # the master waited for the first answer: the workers started on o1 and o2
+        assert d.status()["discovery"]["clusters"]["api"]["endpoints"] == 2
+        assert _provider(d)["state"] == "ok"
+
+        # self-registration: Dispa's own key, on a lease
+        wait_for(lambda: NODE_KEY in etcd.get_prefix("/dispa/nodes/"), BOUND, "Dispa's key")
+        node = json.loads(etcd.get_prefix("/dispa/nodes/")[NODE_KEY])
+        assert (node["host"], node["port"]) == ("127.0.0.1", port)
+        lease = etcd.lease_of(NODE_KEY)
+        assert lease and 0 < etcd.lease_ttl(lease) <= REGISTER_TTL
+        registered_at = time.monotonic()
+
+        load = Load(port).start()
+        wait_for(converged(load, {"o1", "o2"}), BOUND, "traffic on o1+o2")
+
+        # 1. instances register: traffic reaches them
+        t0 = time.monotonic()
+        _announce(etcd, origins["o3"])
+        wait_for(lambda: "o3" in load.served_since(t0), BOUND, "traffic reaching o3")
+        timings["add"] = time.monotonic() - t0
+        wait_for(converged(load, {"o1", "o2", "o3"}), BOUND, "traffic on o1..o3")
+
+        # 2. o2 deregisters gracefully: it serves until Dispa has stopped sending to it
+        t0 = time.monotonic()
+        etcd.delete(PREFIX + "o2")
+        wait_for(lambda: _all_workers_on(d, 2), BOUND, "every worker without o2")
+        timings["deregister"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        wait_for(lambda: load.last_time() > t1 + 0.3, BOUND, "traffic after the removal")
+        assert "o2" not in load.served_since(t1)
+        origins["o2"].stop()
+        wait_for(converged(load, {"o1", "o3"}), BOUND, "traffic on o1+o3")
+        assert load.failures == [], load.failures[:5]
+
+        # 3. etcd goes away: the last known good set stays, status says stale
+        t0 = time.monotonic()
+        etcd.kill()
+        wait_for(lambda: _provider(d)["state"] == "stale", BOUND, "provider state stale")
+        timings["stale"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        wait_for(lambda: load.last_time() > t1 + 1.0, BOUND, "traffic during the outage")
+        assert load.served_since(t1) == {"o1", "o3"}
+        prov = _provider(d)
+        assert d.status()["discovery"]["clusters"]["api"]["endpoints"] == 2
+        assert prov["staleness_seconds"] > 0 and prov["last_error"]
+        assert _staleness_metric(d) > 0
+
+        # 4. etcd returns and, before Dispa has reconnected, o4 registers and o1 is
+        #    scaled away (still up, so the late removal costs nothing): Dispa resyncs
+        etcd.start()
+        t0 = time.monotonic()
+        _announce(etcd, origins["o4"])
+        etcd.delete(PREFIX + "o1")
+        wait_for(lambda: _provider(d)["state"] == "ok", RESYNC_BOUND, "provider ok again")
+        wait_for(converged(load, {"o3", "o4"}), RESYNC_BOUND, "traffic on o3+o4")
+        timings["resync"] = time.monotonic() - t0
+        assert _staleness_metric(d) == 0
+        load.stop()
+        assert load.failures == [], load.failures[:5]
+        assert load.count() > 200
+        assert "static" not in load.served_since(0)  # the group's traffic never fell back
+        prov = _provider(d)
+        # resumed from its revision: the outage cost no re-list
+        assert prov["services"][PREFIX]["relists"] == 1
+        assert prov["reconnects"] >= 1
+
+        # the registration was kept alive past its TTL (same lease), and survived the
+        # etcd restart
+        wait_for(lambda: time.monotonic() - registered_at > REGISTER_TTL + 1, 2 * REGISTER_TTL,
+                 "one TTL past the registration")
+        assert etcd.lease_of(NODE_KEY) == lease and etcd.lease_ttl(lease) > 0
+        print("etcd discovery timings (s):",
+              json.dumps({k: round(v, 2) for k, v in timings.items()}),
+              "requests:", load.count())
+    finally:
+        if load is not None:
+            load.stop()
+        code = d.stop()
+        static.stop()
+    assert code == 0, d.log()
+    # graceful shutdown revoked the lease: the key is gone now, not REGISTER_TTL later
+    assert NODE_KEY not in etcd.get_prefix("/dispa/nodes/")
+    assert etcd.lease_ttl(lease) == -1

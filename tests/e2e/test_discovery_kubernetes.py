@@ -1,0 +1,306 @@
+"""Kubernetes service discovery end to end: the API double (tests/support/k8s_double.py),
+real origins, a real dispa-server whose target group ``api`` comes from the EndpointSlices
+of the Service ``shop/api`` through a kubeconfig.
+
+The origins are the Service's pods: each on its own loopback address, all on one port (the
+Service's named target port ``http``). While a bounded keep-alive load runs through Dispa:
+
+* a not-ready pod becomes ready, and a new slice adds a pod: traffic reaches them;
+* a pod starts terminating (ready=false, serving=true) while it keeps serving, and exits
+  only once Dispa has stopped sending to it: zero failed requests; a pod turning not-ready
+  leaves the set the same way;
+* the API server is stopped: traffic continues on the last known good set and
+  /admin/status says ``stale``;
+* it returns, with slices changed meanwhile: Dispa re-watches from its resourceVersion and
+  resyncs.
+
+The bound: the watch event (milliseconds) + the watcher's throttle (0.5 s) + the snapshot
+swap; after the API server returns, the reconnect backoff (0.5 s doubling, reset on
+success) adds up to a few seconds. We assert ``BOUND`` seconds, generous for a loaded
+2-core CI machine, and print what we measured.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+
+import pytest
+import yaml
+
+from tests.support.dispa_proc import DispaProcess, free_port, wait_for
+from tests.support.k8s_double import K8sDouble, endpoint_slice, service
+from tests.support.origin import Origin
+
+THROTTLE = 0.5
+BOUND = 6.0  # seconds: event + throttle + apply, with headroom for a busy machine
+RESYNC_BOUND = 20.0  # after the API server returns: reconnect backoff included
+ADDRESSES = {"o1": "127.0.0.21", "o2": "127.0.0.22", "o3": "127.0.0.23", "o4": "127.0.0.24"}
+TOKEN = "e2e-token"
+READY = True, True, False
+NOT_READY = False, False, False
+TERMINATING = False, True, True  # a pod being deleted that still serves
+
+
+class Load:
+    """Keep-alive clients sending GET / until stopped, bounded in count and time; records
+    ``(time, status, origin name)`` per request and every failure."""
+
+    def __init__(self, port: int, threads: int = 2, max_requests: int = 40000,
+                 max_seconds: float = 120.0):
+        self.port, self.threads = port, threads
+        self.max_requests, self.max_seconds = max_requests, max_seconds
+        self.results: list[tuple[float, int, str]] = []
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True)
+                         for _ in range(threads)]
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_seconds
+        conn = None
+        for _ in range(self.max_requests // self.threads):
+            if self._stop.is_set() or time.monotonic() > deadline:
+                break
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                conn.request("GET", "/", headers={"Host": "example.com"})
+                r = conn.getresponse()
+                body = r.read().decode(errors="replace")
+                with self._lock:
+                    self.results.append((time.monotonic(), r.status,
+                                         body.removeprefix("ok from ")))
+                    if r.status != 200:
+                        self.failures.append(f"status {r.status}: {body[:80]!r}")
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as exc:
+                with self._lock:
+                    self.failures.append(repr(exc))
+                if conn is not None:
+                    conn.close()
+                conn = None
+            time.sleep(0.002)  # ~500 req/s per client: a load, not a benchmark
+        if conn is not None:
+            conn.close()
+
+    def start(self) -> "Load":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def served_since(self, t0: float) -> set[str]:
+        with self._lock:
+            return {name for t, status, name in self.results if t >= t0 and status == 200}
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.results)
+
+    def last_time(self) -> float:
+        with self._lock:
+            return self.results[-1][0] if self.results else 0.0
+
+
+def converged(load: Load, live: set[str], window: float = 0.5):
+    """A predicate for wait_for: the last ``window`` seconds of traffic hit exactly ``live``."""
+    def check():
+        now = time.monotonic()
+        with load._lock:
+            if not load.results or now - load.results[0][0] < window:
+                return None
+        return now if load.served_since(now - window) == live else None
+    return check
+
+
+@pytest.fixture
+def api():
+    d = K8sDouble(token=TOKEN, bookmark_interval=1.0).start()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def pods():
+    started: dict[str, Origin] = {}
+    port = 0
+    for name, host in ADDRESSES.items():
+        o = Origin(name, host=host, port=port).start()
+        port = o.port  # pods of one Service listen on the same target port
+        started[name] = o
+    yield started
+    for o in started.values():
+        o.stop()
+
+
+def _slice(name: str, port: int, **states) -> dict:
+    eps = [(ADDRESSES[n], *state) for n, state in states.items()]
+    # the "metrics" port comes first: only port_name = "http" picks the right one
+    return endpoint_slice("shop", "api", name, eps, ports=[("metrics", 9), ("http", port)])
+
+
+def _config(tmp_path, api: K8sDouble, port: int, admin_port: int, static_url: str):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "e2e",
+        "contexts": [{"name": "e2e", "context": {"cluster": "double", "user": "dispa",
+                                                 "namespace": "shop"}}],
+        "clusters": [{"name": "double", "cluster": {"server": api.url}}],
+        "users": [{"name": "dispa", "user": {"token": TOKEN}}]}))
+    text = f"""
+[server]
+bind_address = "127.0.0.1:{port}"
+workers = 2
+
+[[targets.targets]]
+name = "static"
+url = "{static_url}"
+
+[targets.health_check]
+enabled = false
+
+[[target_groups]]
+name = "api"
+
+[target_groups.discovery]
+provider = "kubernetes"
+service = "shop/api"
+port_name = "http"
+
+[target_groups.health_check]
+enabled = false
+
+[routing]
+default_target = "api"
+
+[service_discovery]
+provider = "kubernetes"
+throttle = {THROTTLE}
+refresh_interval = 10
+health_check_integration = true
+
+[service_discovery.kubernetes]
+kubeconfig = "{kubeconfig}"
+
+[monitoring]
+enabled = true
+bind_host = "127.0.0.1"
+metrics_port = {admin_port}
+health_check_port = {admin_port}
+"""
+    path = tmp_path / "dispa.toml"
+    path.write_text(text)
+    return path
+
+
+def _all_workers_on(d: DispaProcess, endpoints: int, after: str) -> bool:
+    """The discovered set has ``endpoints`` and a snapshot newer than ``after`` (the set is
+    recorded at once, the snapshot only after the throttle) runs on every ready worker."""
+    st = d.status()
+    version = st["snapshot_version"]
+    return (st["discovery"]["clusters"]["api"]["endpoints"] == endpoints
+            and version != after
+            and all(w["snapshot_version"] == version for w in st["workers"]
+                    if w["state"] == "ready"))
+
+
+def _provider(d: DispaProcess) -> dict:
+    return d.status()["discovery"]["providers"]["kubernetes"]
+
+
+def test_kubernetes_discovery_follows_endpoint_slices_under_load(tmp_path, api, pods):
+    static = Origin("static").start()
+    p = pods["o1"].port
+    api.create(service("shop", "api", [("metrics", 9000, "metrics"), ("http", 80, "http")]))
+    api.create(_slice("api-a", p, o1=READY, o2=READY, o3=NOT_READY))
+    port, admin = free_port(), free_port()
+    d = DispaProcess(_config(tmp_path, api, port, admin, static.url), port=port,
+                     admin_port=admin)
+    load = None
+    timings = {}
+    try:
+        d.wait_ready(workers=2)
+        # the master waited for the first answer: the workers started on the ready pods
+        st = d.status()
+        assert st["discovery"]["clusters"]["api"]["endpoints"] == 2
+        assert _provider(d)["state"] == "ok"
+        assert _provider(d)["services"]["shop/api"]["mode"] == "endpointslices"
+        load = Load(port).start()
+        wait_for(converged(load, {"o1", "o2"}), BOUND, "traffic on o1+o2")
+
+        # 1. o3 turns ready; a second slice adds o4
+        t0 = time.monotonic()
+        api.update(_slice("api-a", p, o1=READY, o2=READY, o3=READY))
+        wait_for(lambda: "o3" in load.served_since(t0), BOUND, "traffic reaching o3")
+        timings["ready"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        api.create(_slice("api-b", p, o4=READY))
+        wait_for(lambda: "o4" in load.served_since(t0), BOUND, "traffic reaching o4")
+        timings["add"] = time.monotonic() - t0
+        wait_for(converged(load, {"o1", "o2", "o3", "o4"}), BOUND, "traffic on o1..o4")
+
+        # 2. o4 terminates gracefully: it serves until Dispa has stopped sending to it
+        t0 = time.monotonic()
+        before = d.status()["snapshot_version"]
+        api.update(_slice("api-b", p, o4=TERMINATING))
+        wait_for(lambda: _all_workers_on(d, 3, before), BOUND, "every worker without o4")
+        timings["terminating"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        wait_for(lambda: load.last_time() > t1 + 0.3, BOUND, "traffic after the removal")
+        assert "o4" not in load.served_since(t1)
+        pods["o4"].stop()
+        api.delete("EndpointSlice", "shop", "api-b")
+        #    o2 fails its readiness probe (still up): it leaves the set the same way
+        t0 = time.monotonic()
+        api.update(_slice("api-a", p, o1=READY, o2=NOT_READY, o3=READY))
+        wait_for(converged(load, {"o1", "o3"}), BOUND, "traffic on o1+o3")
+        timings["not_ready"] = time.monotonic() - t0
+        assert load.failures == [], load.failures[:5]
+
+        # 3. the API server goes away: the last known good set stays, status says stale
+        t0 = time.monotonic()
+        api.stop()
+        wait_for(lambda: _provider(d)["state"] == "stale", BOUND, "provider state stale")
+        timings["stale"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        wait_for(lambda: load.last_time() > t1 + 1.0, BOUND, "traffic during the outage")
+        assert load.served_since(t1) == {"o1", "o3"}
+        prov = _provider(d)
+        assert d.status()["discovery"]["clusters"]["api"]["endpoints"] == 2
+        assert prov["staleness_seconds"] > 0 and prov["last_error"]
+
+        # 4. it returns; meanwhile o2 became ready again and o1 was scaled away (its pod
+        #    still up, so the late removal costs nothing): Dispa resyncs
+        api.update(_slice("api-a", p, o2=READY, o3=READY))
+        t0 = time.monotonic()
+        api.start()
+        wait_for(lambda: _provider(d)["state"] == "ok", RESYNC_BOUND, "provider ok again")
+        wait_for(converged(load, {"o2", "o3"}), RESYNC_BOUND, "traffic on o2+o3")
+        timings["resync"] = time.monotonic() - t0
+        load.stop()
+        assert load.failures == [], load.failures[:5]
+        assert load.count() > 200
+        assert "static" not in load.served_since(0)  # the group's traffic never fell back
+        prov = _provider(d)
+        # resumed from its resourceVersion: the outage cost no re-list
+        assert prov["services"]["shop/api"]["lists"] == 1
+        assert prov["reconnects"] >= 1
+        print("kubernetes discovery timings (s):",
+              json.dumps({k: round(v, 2) for k, v in timings.items()}),
+              "requests:", load.count())
+    finally:
+        if load is not None:
+            load.stop()
+        code = d.stop()
+        static.stop()
+    assert code == 0, d.log()
