@@ -1,0 +1,226 @@
+"""``[tls]``: TLS termination, SNI certificates, client certificates (mTLS) and upstream TLS.
+
+The tables as the operator writes them (see docs/tls.md and docs/configuration.md). The
+``[tls.acme]`` table lives in ``acme_config.py``. Cross-field rules are in ``check_tls``
+(called by ``config.load``); the runtime form is built by ``compile_tls``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal, Optional
+
+import msgspec
+from msgspec import Meta
+
+from dispa.tls.acme_config import AcmeConfig
+
+Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600, description="seconds (> 0)")]
+TlsVersion = Literal["1.2", "1.3"]
+
+
+class _Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of these tables: frozen, unknown keys rejected (as config.model._Table)."""
+
+
+class CertificateConfig(_Table):
+    """One ``[[tls.certificates]]`` entry: a certificate chain and its private key (PEM)."""
+
+    cert_file: Annotated[str, Meta(min_length=1)]
+    key_file: Annotated[str, Meta(min_length=1)]
+    # SNI names this certificate serves; empty: the DNS names of its subjectAltName
+    names: list[str] = msgspec.field(default_factory=list)
+
+
+class ClientAuthConfig(_Table):
+    """``[tls.client_auth]`` (and per name in ``[[tls.sni]]``): client certificates."""
+
+    mode: Literal["off", "optional", "required"] = "off"
+    ca_file: str = ""  # PEM bundle of the CAs client certificates must chain to
+    crl_file: str = ""  # PEM CRLs; when set, the leaf certificate is checked against them
+    verify_depth: Annotated[int, Meta(ge=1, le=16)] = 4
+
+
+class SniConfig(_Table):
+    """One ``[[tls.sni]]`` entry: settings for some server names (exact or ``*.`` wildcard)."""
+
+    names: Annotated[list[str], Meta(min_length=1)]
+    client_auth: ClientAuthConfig = ClientAuthConfig()
+
+
+class UpstreamTlsConfig(_Table):
+    """``[tls.upstream]``: how Dispa connects to ``https://`` targets."""
+
+    verify: bool = True
+    ca_file: str = ""  # pinned CA bundle; empty: the system trust store
+    server_name: str = ""  # SNI and name to verify; empty: the target's host
+    cert_file: str = ""  # client certificate presented to the upstream
+    key_file: str = ""
+
+
+class TlsConfig(_Table):
+    """``[tls]``: a TLS listener in front of the same routes as ``[server]``."""
+
+    enabled: bool = False
+    bind_address: str = "0.0.0.0:8443"
+    certificates: list[CertificateConfig] = msgspec.field(default_factory=list)
+    # Directories of pairs: NAME.crt (or NAME.pem) with NAME.key, re-read on change.
+    certificate_dirs: list[str] = msgspec.field(default_factory=list)
+    default_certificate: str = ""  # a server name; its certificate answers unknown names
+    strict_sni: bool = False  # refuse unknown names (alert unrecognized_name) instead
+    min_version: TlsVersion = "1.2"
+    max_version: TlsVersion = "1.3"
+    ciphers: str = ""  # OpenSSL cipher string for TLS 1.2; "" keeps OpenSSL's default
+    curves: list[str] = msgspec.field(default_factory=list)  # key-exchange groups, in order
+    alpn: list[Literal["h2", "http/1.1"]] = msgspec.field(
+        default_factory=lambda: ["http/1.1"])
+    handshake_timeout: Seconds = 10.0
+    session_tickets: bool = True
+    ticket_key_rotation: Seconds = 3600.0
+    reload_interval: Seconds = 2.0  # how often certificate files are checked for changes
+    expiry_warning_days: Annotated[int, Meta(ge=0, le=3650)] = 14
+    # Fetch OCSP responses from each certificate's responder (AIA) and staple them; a
+    # <cert_file>.ocsp file next to a certificate is stapled whatever this says.
+    ocsp_stapling: bool = False
+    client_auth: ClientAuthConfig = ClientAuthConfig()
+    # Upstream header carrying the verified client certificate's fingerprint, subject and
+    # SANs; always removed from what a client sent (on every listener). "" turns it off.
+    client_cert_header: str = "x-client-cert"
+    sni: list[SniConfig] = msgspec.field(default_factory=list)
+    upstream: UpstreamTlsConfig = UpstreamTlsConfig()
+    acme: AcmeConfig = AcmeConfig()
+
+
+# ---------------------------------------------------------------- checks (config.load)
+
+def _readable(path: str) -> str | None:
+    if not os.path.isfile(path):
+        return f"{path!r} does not exist or is not a file"
+    if not os.access(path, os.R_OK):
+        return f"{path!r} is not readable"
+    return None
+
+
+def check_tls(tls: TlsConfig, issue, http_address) -> None:
+    """Cross-field rules of ``[tls]``; ``issue(message, path)`` reports one problem.
+    ``http_address`` is the parsed ``[server] bind_address`` (or None)."""
+    from dispa.config.load import parse_host_port, normalize_hostname
+    from dispa.tls.certs import CertError, load_pair
+
+    where = ("tls",)
+    if tls.min_version > tls.max_version:
+        issue(f"min_version {tls.min_version} is above max_version {tls.max_version}",
+              where + ("min_version",))
+    address = parse_host_port(tls.bind_address)
+    if isinstance(address, str):
+        issue(f"bind_address {tls.bind_address!r}: {address}", where + ("bind_address",))
+    elif tls.enabled and http_address is not None and address[1] == http_address[1] \
+            and address[1] != 0:
+        issue(f"bind_address {tls.bind_address!r} uses the port of server.bind_address",
+              where + ("bind_address",))
+    if tls.ciphers:
+        import ssl
+        try:
+            ssl.create_default_context().set_ciphers(tls.ciphers)
+        except ssl.SSLError:
+            issue(f"ciphers {tls.ciphers!r} selects no cipher OpenSSL knows",
+                  where + ("ciphers",))
+    if tls.curves:
+        from dispa.tls.context import check_groups
+        bad = check_groups(tls.curves)
+        if bad:
+            issue(bad, where + ("curves",))
+    for n, cert in enumerate(tls.certificates):
+        path = where + ("certificates", n)
+        problem = _readable(cert.cert_file) or _readable(cert.key_file)
+        if problem:
+            issue(problem, path + ("cert_file",))
+            continue
+        try:
+            load_pair(cert.cert_file, cert.key_file)
+        except CertError as exc:
+            issue(str(exc), path + ("cert_file",))
+        for i, name in enumerate(cert.names):
+            if _sni_name(name, normalize_hostname) is None:
+                issue(f"{name!r} is not a host name or \"*.\" wildcard", path + ("names", i))
+    for n, d in enumerate(tls.certificate_dirs):
+        if not os.path.isdir(d):
+            issue(f"{d!r} is not a directory", where + ("certificate_dirs", n))
+    if tls.enabled and not tls.certificates and not tls.certificate_dirs \
+            and not tls.acme.enabled:
+        issue("TLS is enabled but no certificate is configured: add [[tls.certificates]], "
+              "certificate_dirs or [tls.acme]", where + ("enabled",))
+    auths = [(where + ("client_auth",), tls.client_auth)]
+    for n, sni in enumerate(tls.sni):
+        for i, name in enumerate(sni.names):
+            if _sni_name(name, normalize_hostname) is None:
+                issue(f"{name!r} is not a host name or \"*.\" wildcard",
+                      where + ("sni", n, "names", i))
+        auths.append((where + ("sni", n, "client_auth"), sni.client_auth))
+    for path, auth in auths:
+        if auth.mode != "off" and not auth.ca_file:
+            issue(f"client_auth mode {auth.mode!r} needs ca_file", path + ("ca_file",))
+        for key in ("ca_file", "crl_file"):
+            value = getattr(auth, key)
+            if value:
+                problem = _readable(value)
+                if problem:
+                    issue(problem, path + (key,))
+    if tls.client_cert_header and not _token(tls.client_cert_header):
+        issue(f"{tls.client_cert_header!r} is not a valid header name",
+              where + ("client_cert_header",))
+    up = tls.upstream
+    if bool(up.cert_file) != bool(up.key_file):
+        issue("cert_file and key_file go together", where + ("upstream", "cert_file"))
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(up, key)
+        if value:
+            problem = _readable(value)
+            if problem:
+                issue(problem, where + ("upstream", key))
+
+
+def _token(value: str) -> bool:
+    import re
+    return re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", value) is not None
+
+
+def _sni_name(name: str, normalize) -> str | None:
+    if name.startswith("*."):
+        rest = normalize(name[2:])
+        return None if rest is None else "*." + rest
+    return normalize(name)
+
+
+# ---------------------------------------------------------------- compile (config.compile)
+
+def compile_tls(tls: TlsConfig, https_endpoints: list[str]) -> Optional[dict]:
+    """The plain-data settings the master's certificate store completes with certificates
+    (``Snapshot.tls``); None when there is neither a TLS listener nor an https target."""
+    if not tls.enabled and not https_endpoints:
+        return None
+    from dispa.config.load import normalize_hostname
+
+    def auth(a: ClientAuthConfig) -> dict:
+        return {"mode": a.mode, "ca_file": a.ca_file, "crl_file": a.crl_file,
+                "verify_depth": a.verify_depth}
+
+    out: dict = {
+        "enabled": tls.enabled,
+        "settings": {
+            "min_version": tls.min_version, "max_version": tls.max_version,
+            "ciphers": tls.ciphers, "curves": list(tls.curves),
+            "alpn": list(tls.alpn), "handshake_timeout": float(tls.handshake_timeout),
+            "session_tickets": tls.session_tickets, "strict_sni": tls.strict_sni,
+            "default_certificate": (normalize_hostname(tls.default_certificate) or "")
+            if tls.default_certificate else "",
+        },
+        "client_auth": auth(tls.client_auth),
+        "client_cert_header": tls.client_cert_header.lower() if tls.enabled else "",
+        "sni": [{"names": [_sni_name(n, normalize_hostname) for n in s.names],
+                 "client_auth": auth(s.client_auth)} for s in tls.sni],
+        "upstream": {"endpoints": sorted(https_endpoints), "verify": tls.upstream.verify,
+                     "ca_file": tls.upstream.ca_file, "server_name": tls.upstream.server_name,
+                     "cert_file": tls.upstream.cert_file, "key_file": tls.upstream.key_file},
+    }
+    return out
