@@ -256,6 +256,10 @@ def test_compat_example_runs_with_targets_pointed_at_loopback(tmp_path, origins)
     text = text.replace("metrics_port = 9090", f"metrics_port = {mport}")
     text = text.replace("health_check_port = 8081", f"health_check_port = {hport}")
     assert "192.168." not in text.split("# ==================== 高级配置示例")[0]
+    # the example's traffic log (type = "both") goes under tmp_path, not the repository
+    text = text.replace('url = "sqlite://./data/traffic.db"',
+                        f'url = "sqlite://{tmp_path}/data/traffic.db"')
+    text = text.replace('directory = "./logs"', f'directory = "{tmp_path}/logs"')
     cfg = tmp_path / "compat.toml"
     cfg.write_text(text)
     from tests.support.dispa_proc import DispaProcess
@@ -277,6 +281,21 @@ def test_compat_example_runs_with_targets_pointed_at_loopback(tmp_path, origins)
         assert code2 == 200 and b"dispa_requests_total" in body2
     finally:
         d.stop()
+    # the original traffic log: every request above is a row in SQLite and a file record
+    import sqlite3
+    db = tmp_path / "data" / "traffic.db"
+    rows = sqlite3.connect(db).execute("SELECT COUNT(*) FROM " + _traffic_table(db)).fetchone()[0]
+    assert rows == 14  # 12 + the excluded host (404) + the wildcard
+    assert sum(len(p.read_bytes().splitlines()) for p in (tmp_path / "logs").iterdir()
+               if p.is_file()) == 14
+
+
+def _traffic_table(db) -> str:
+    import sqlite3
+    names = [r[0] for r in sqlite3.connect(db).execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+    assert len(names) == 1, names
+    return names[0]
 
 
 def test_invalid_config_exits_2_listing_every_error_without_traceback(tmp_path):
