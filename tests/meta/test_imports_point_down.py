@@ -27,6 +27,7 @@ FORBIDDEN = {
     "tls": ("dispa.proxy", "dispa.server"),
     "plugins": ("dispa.server",),
     "admin": ("dispa.server", "dispa.proxy"),
+    "l4": ("dispa.proxy", "dispa.server", "dispa.admin"),
 }
 
 
