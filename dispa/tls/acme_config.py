@@ -87,6 +87,10 @@ class AcmeConfig(_Table):
     key_type: Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"] = "ec-p256"
     # Trust for the ACME server's HTTPS (a private CA, pebble in tests); empty: system CAs.
     ca_bundle: str = ""
+    # External Account Binding (RFC 8555 §7.3.4), when the CA requires one (ZeroSSL,
+    # Google Trust Services, Sectigo, ...): the key id and the base64url HMAC key it gave.
+    eab_kid: str = ""
+    eab_hmac_key: str = ""
     # Where certificates land for the TLS listeners: <storage_dir>/certs/<name>/
     # {fullchain.pem,privkey.pem}. With storage = "etcd" it is the local copy.
     storage: Literal["directory", "etcd"] = "directory"
@@ -103,6 +107,9 @@ class AcmeConfig(_Table):
     check_interval: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
     # Bound on one issuance: authorisations, challenge validation and finalisation.
     order_timeout: Annotated[float, msgspec.Meta(gt=0)] = 180.0
+    # Revoke the previous certificate (reason "superseded") once its replacement is in
+    # place. Off by default: boxes that copy from shared storage serve it a while longer.
+    revoke_replaced: bool = False
     dns01: Dns01Config = Dns01Config()
 
 
@@ -174,6 +181,14 @@ def check(cfg: AcmeConfig, issue: Callable[[str, tuple], None], *,
         issue("must be an http(s):// URL of the ACME directory", ("directory_url",))
     if cfg.retry_min > cfg.retry_max:
         issue(f"retry_min ({cfg.retry_min}) is above retry_max ({cfg.retry_max})", ("retry_min",))
+    if cfg.renew_ratio + cfg.renew_jitter >= 1:
+        issue(f"renew_ratio + renew_jitter ({cfg.renew_ratio + cfg.renew_jitter:g}) must stay "
+              "below 1: the certificate would expire before its renewal", ("renew_jitter",))
+    if bool(cfg.eab_kid) != bool(cfg.eab_hmac_key):
+        issue("eab_kid and eab_hmac_key go together",
+              ("eab_hmac_key" if cfg.eab_kid else "eab_kid",))
+    elif cfg.eab_hmac_key and not _is_b64url(cfg.eab_hmac_key):
+        issue("not base64url (the HMAC key as the CA gave it)", ("eab_hmac_key",))
     if cfg.storage == "directory" and not cfg.storage_dir:
         issue("storage = \"directory\" needs storage_dir", ("storage_dir",))
     if cfg.storage == "etcd":
@@ -205,6 +220,33 @@ def check(cfg: AcmeConfig, issue: Callable[[str, tuple], None], *,
             issue("the webhook provider needs an http(s):// webhook_url", ("dns01", "webhook_url"))
         if d.propagation_nameserver and not _host_port(d.propagation_nameserver):
             issue("expected host:port", ("dns01", "propagation_nameserver"))
+
+
+def _is_b64url(value: str) -> bool:
+    try:
+        base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return re.fullmatch(r"[A-Za-z0-9_-]+=*", value) is not None
+
+
+SECRET_KEYS = (("etcd", "password"), ("dns01", "rfc2136", "tsig_secret"), ("eab_hmac_key",))
+
+
+def mask_secrets(table: dict) -> dict:
+    """``[tls.acme]`` as builtins (``msgspec.to_builtins``) with its secrets as ``***``,
+    for /admin/config: the etcd password, the TSIG secret, the EAB HMAC key and the
+    webhook header values (they usually carry a token). Changes ``table`` in place."""
+    for path in SECRET_KEYS:
+        parent = table
+        for k in path[:-1]:
+            parent = parent.get(k) or {}
+        if parent.get(path[-1]):
+            parent[path[-1]] = "***"
+    headers = (table.get("dns01") or {}).get("webhook_headers") or {}
+    for k in headers:
+        headers[k] = "***"
+    return table
 
 
 def _host_port(value: str) -> tuple[str, int] | None:

@@ -45,6 +45,9 @@ class SniConfig(_Table):
     """One ``[[tls.sni]]`` entry: settings for some server names (exact or ``*.`` wildcard)."""
 
     names: Annotated[list[str], Meta(min_length=1)]
+    # TLS 1.2 cipher string for these names ("" keeps [tls] ciphers). Versions cannot be
+    # set per name: OpenSSL settles the version before the SNI callback runs.
+    ciphers: str = ""
     client_auth: ClientAuthConfig = ClientAuthConfig()
 
 
@@ -101,6 +104,20 @@ def _readable(path: str) -> str | None:
     return None
 
 
+def _pem_bundle(path: str, what: str) -> str | None:
+    """Why OpenSSL would refuse ``path`` as a CA bundle or CRL file (None: it loads);
+    found here rather than in a worker that would refuse the snapshot."""
+    problem = _readable(path)
+    if problem:
+        return problem
+    import ssl
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return f"{path!r} holds no usable PEM {what} ({getattr(exc, 'reason', None) or exc})"
+    return None
+
+
 def check_tls(tls: TlsConfig, issue, http_address) -> None:
     """Cross-field rules of ``[tls]``; ``issue(message, path)`` reports one problem.
     ``http_address`` is the parsed ``[server] bind_address`` (or None)."""
@@ -118,13 +135,14 @@ def check_tls(tls: TlsConfig, issue, http_address) -> None:
             and address[1] != 0:
         issue(f"bind_address {tls.bind_address!r} uses the port of server.bind_address",
               where + ("bind_address",))
-    if tls.ciphers:
-        import ssl
-        try:
-            ssl.create_default_context().set_ciphers(tls.ciphers)
-        except ssl.SSLError:
-            issue(f"ciphers {tls.ciphers!r} selects no cipher OpenSSL knows",
-                  where + ("ciphers",))
+    for path, ciphers in [(where + ("ciphers",), tls.ciphers)] + [
+            (where + ("sni", n, "ciphers"), s.ciphers) for n, s in enumerate(tls.sni)]:
+        if ciphers:
+            import ssl
+            try:
+                ssl.create_default_context().set_ciphers(ciphers)
+            except ssl.SSLError:
+                issue(f"ciphers {ciphers!r} selects no cipher OpenSSL knows", path)
     if tls.curves:
         from dispa.tls.context import check_groups
         bad = check_groups(tls.curves)
@@ -160,24 +178,60 @@ def check_tls(tls: TlsConfig, issue, http_address) -> None:
     for path, auth in auths:
         if auth.mode != "off" and not auth.ca_file:
             issue(f"client_auth mode {auth.mode!r} needs ca_file", path + ("ca_file",))
-        for key in ("ca_file", "crl_file"):
+        for key, what in (("ca_file", "CA certificate"), ("crl_file", "CRL")):
             value = getattr(auth, key)
             if value:
-                problem = _readable(value)
+                problem = _pem_bundle(value, what)
                 if problem:
                     issue(problem, path + (key,))
     if tls.client_cert_header and not _token(tls.client_cert_header):
         issue(f"{tls.client_cert_header!r} is not a valid header name",
               where + ("client_cert_header",))
-    up = tls.upstream
+    check_upstream(tls.upstream, where + ("upstream",), issue)
+
+
+def check_upstream(up: UpstreamTlsConfig, where: tuple, issue) -> None:
+    """``[tls.upstream]`` and a cluster's ``tls`` table: files readable, pairs complete."""
     if bool(up.cert_file) != bool(up.key_file):
-        issue("cert_file and key_file go together", where + ("upstream", "cert_file"))
+        issue("cert_file and key_file go together", where + ("cert_file",))
     for key in ("ca_file", "cert_file", "key_file"):
         value = getattr(up, key)
         if value:
-            problem = _readable(value)
+            problem = _pem_bundle(value, "CA certificate") if key == "ca_file" \
+                else _readable(value)
             if problem:
-                issue(problem, where + ("upstream", key))
+                issue(problem, where + (key,))
+    if up.cert_file and up.key_file and not (_readable(up.cert_file) or
+                                             _readable(up.key_file)):
+        from dispa.tls.certs import CertError, load_pair
+        try:
+            load_pair(up.cert_file, up.key_file)
+        except CertError as exc:
+            issue(str(exc), where + ("cert_file",))
+
+
+def check_cluster_tls(clusters: list[tuple[tuple, object]], issue) -> None:
+    """``[targets.tls]`` / ``[target_groups.tls]``: each table checked, and an https://
+    endpoint listed by two clusters must get the same TLS settings from both (an endpoint
+    has one connection pool per worker, whichever cluster sends to it)."""
+    from dispa.config.load import endpoint_id, is_https_url, parse_upstream_url
+    seen: dict[str, tuple] = {}
+    for path, cluster in clusters:
+        tls = getattr(cluster, "tls", None)
+        if tls is not None:
+            check_upstream(tls, path + ("tls",), issue)
+        for e in cluster.endpoints:
+            if not is_https_url(e.url):
+                continue
+            parsed = parse_upstream_url(e.url)
+            if isinstance(parsed, str):
+                continue  # reported with the endpoint
+            eid = endpoint_id(*parsed)
+            if eid in seen and seen[eid][1] != tls:
+                other = ".".join(str(p) for p in seen[eid][0])
+                issue(f"https endpoint {eid} is also in {other} with other TLS settings; "
+                      "give both the same tls table", path + ("tls",))
+            seen.setdefault(eid, (path, tls))
 
 
 def _token(value: str) -> bool:
@@ -194,9 +248,16 @@ def _sni_name(name: str, normalize) -> str | None:
 
 # ---------------------------------------------------------------- compile (config.compile)
 
-def compile_tls(tls: TlsConfig, https_endpoints: list[str]) -> Optional[dict]:
+def _upstream_settings(up: UpstreamTlsConfig) -> dict:
+    return {"verify": up.verify, "ca_file": up.ca_file, "server_name": up.server_name,
+            "cert_file": up.cert_file, "key_file": up.key_file}
+
+
+def compile_tls(tls: TlsConfig, https_endpoints: list[str],
+                per_endpoint: dict[str, UpstreamTlsConfig] | None = None) -> Optional[dict]:
     """The plain-data settings the master's certificate store completes with certificates
-    (``Snapshot.tls``); None when there is neither a TLS listener nor an https target."""
+    (``Snapshot.tls``); None when there is neither a TLS listener nor an https target.
+    ``per_endpoint``: endpoints whose cluster has its own ``tls`` table."""
     if not tls.enabled and not https_endpoints:
         return None
     from dispa.config.load import normalize_hostname
@@ -218,9 +279,11 @@ def compile_tls(tls: TlsConfig, https_endpoints: list[str]) -> Optional[dict]:
         "client_auth": auth(tls.client_auth),
         "client_cert_header": tls.client_cert_header.lower() if tls.enabled else "",
         "sni": [{"names": [_sni_name(n, normalize_hostname) for n in s.names],
-                 "client_auth": auth(s.client_auth)} for s in tls.sni],
-        "upstream": {"endpoints": sorted(https_endpoints), "verify": tls.upstream.verify,
-                     "ca_file": tls.upstream.ca_file, "server_name": tls.upstream.server_name,
-                     "cert_file": tls.upstream.cert_file, "key_file": tls.upstream.key_file},
+                 "ciphers": s.ciphers, "client_auth": auth(s.client_auth)}
+                for s in tls.sni],
+        "upstream": {"endpoints": sorted(https_endpoints), **_upstream_settings(tls.upstream)},
     }
+    if per_endpoint:
+        out["upstream"]["per_endpoint"] = {
+            eid: _upstream_settings(up) for eid, up in sorted(per_endpoint.items())}
     return out

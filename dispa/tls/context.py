@@ -12,7 +12,7 @@ therefore never touches a listener or a connection that already finished its han
 
 Python's ``ssl`` has no API for some OpenSSL settings; these go through ctypes on the
 context's ``SSL_CTX*`` (``_openssl``): session-ticket keys shared by all workers
-(``SSL_CTRL_SET_TLSEXT_TICKET_KEYS``), key-exchange groups (``SSL_CTRL_SET_GROUPS_LIST``),
+(a ticket key callback, tls/tickets.py), key-exchange groups (``SSL_CTRL_SET_GROUPS_LIST``),
 the client-certificate chain depth, and, for per-name client auth, the verify mode of the
 connection (``SSL_set_SSL_CTX`` does not copy it; nginx re-applies it the same way).
 """
@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import hashlib
 import json
 import logging
 import os
 import ssl
+import sys
 
-from dispa.tls import ocsp
+from dispa.tls import ocsp, tickets
 
 log = logging.getLogger("dispa.tls")
 
@@ -40,20 +40,54 @@ _MODES = {"off": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.C
 
 # ---------------------------------------------------------------- OpenSSL through ctypes
 
-_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 _SSL_CTRL_SET_GROUPS_LIST = 92
 _X509_V_FLAG_CRL_CHECK = 0x4  # ssl.VERIFY_CRL_CHECK_LEAF
-TICKET_KEY_BYTES = 80  # 16 name + 32 HMAC secret + 32 AES key (OpenSSL 1.1+)
+TICKET_KEY_BYTES = tickets.KEY_BYTES
+
+
+def _mapped(stem: str) -> str | None:
+    """The path of the shared library ``stem`` (libssl, libcrypto) already mapped into
+    this process by ``_ssl``: the very copy Python's ``ssl`` uses, not another one that
+    ``find_library`` might pick (a wheel or a venv can bring its own OpenSSL)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                path = line.rsplit(None, 1)[-1] if "/" in line else ""
+                name = os.path.basename(path)
+                if name.startswith(stem + ".so") or name.startswith(stem + "-"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+def _plausible(ptr: int | None) -> bool:
+    """A value read out of a Python object that can be an OpenSSL heap pointer: not NULL,
+    not a small integer, aligned. Cheap; guards the calls below against a layout change."""
+    return bool(ptr) and ptr > 0xFFFF and ptr % ctypes.sizeof(ctypes.c_void_p) == 0
 
 
 class _OpenSSL:
-    """The libssl the ``ssl`` module uses, or ``None`` fields when it cannot be found."""
+    """The libssl the ``ssl`` module uses, or ``None`` fields when it cannot be found.
+
+    ``error`` says why a feature is unavailable; ``ssl_ok`` is True once the layout of
+    ``_ssl._SSLSocket`` was checked (the SSL* that per-name client auth needs)."""
 
     def __init__(self):
         self.lib = None
+        self.crypto = None
         self.error = ""
+        self.ssl_ok = False
         try:
-            name = ctypes.util.find_library("ssl") or "libssl.so.3"
+            # ``import ssl`` above loaded _ssl, which mapped libssl/libcrypto already. Only
+            # that copy will do: another one (find_library) has its own allocator and
+            # state, and a buffer it allocates must not be freed by the other.
+            name = _mapped("libssl")
+            crypto_name = _mapped("libcrypto")
+            if name is None or crypto_name is None:
+                self.error = ("the ssl module's OpenSSL is not a shared library of this "
+                              "process (statically linked?)")
+                return
             lib = ctypes.CDLL(name)
             lib.OpenSSL_version_num.restype = ctypes.c_ulong
             if lib.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
@@ -74,7 +108,9 @@ class _OpenSSL:
             lib.SSL_set_verify_depth.restype = None
             lib.SSL_get0_param.argtypes = [ctypes.c_void_p]
             lib.SSL_get0_param.restype = ctypes.c_void_p
-            crypto = ctypes.CDLL(ctypes.util.find_library("crypto") or "libcrypto.so.3")
+            lib.SSL_set_cipher_list.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+            lib.SSL_set_cipher_list.restype = ctypes.c_int
+            crypto = ctypes.CDLL(crypto_name)
             for fn in (crypto.X509_VERIFY_PARAM_set_flags, crypto.X509_VERIFY_PARAM_clear_flags):
                 fn.argtypes = [ctypes.c_void_p, ctypes.c_ulong]
                 fn.restype = ctypes.c_int
@@ -82,6 +118,8 @@ class _OpenSSL:
             self.lib = lib
         except (OSError, AttributeError) as exc:
             self.error = f"libssl not usable through ctypes: {exc}"
+            return
+        self.ssl_ok = self._self_test()
 
     @staticmethod
     def ctx_ptr(ctx: ssl.SSLContext) -> int:
@@ -93,17 +131,43 @@ class _OpenSSL:
         if self.lib is None:
             return 0
         ptr = self.ctx_ptr(ctx)
-        if not ptr or self.lib.SSL_CTX_get_options(ptr) != int(ctx.options):
+        if not _plausible(ptr) or self.lib.SSL_CTX_get_options(ptr) != int(ctx.options):
             return 0
         return ptr
 
-    def ssl_ptr(self, ssl_object) -> int:
-        """The SSL* of an ``ssl.SSLObject`` (PySSLSocket: PyObject_HEAD, Socket, ssl)."""
+    @staticmethod
+    def _raw_ssl_ptr(ssl_object) -> int:
+        # PySSLSocket: PyObject_HEAD, PyObject *Socket, SSL *ssl (CPython 3.7 to 3.13)
         inner = getattr(ssl_object, "_sslobj", None)
-        if inner is None or self.lib is None:
+        if inner is None:
             return 0
         return ctypes.c_void_p.from_address(
             id(inner) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)).value or 0
+
+    def _self_test(self) -> bool:
+        """Check once, on a connection object made here, that the SSL* read out of
+        ``_ssl._SSLSocket`` belongs to its context; a CPython with another layout turns
+        the features that need it off (with a warning) instead of crashing a worker."""
+        try:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            obj = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+            ptr = self._raw_ssl_ptr(obj)
+            cptr = self.checked_ptr(ctx)
+            if cptr and _plausible(ptr) and ptr not in (id(obj), id(obj._sslobj), id(ctx)) \
+                    and self.lib.SSL_get_SSL_CTX(ptr) == cptr:
+                return True
+        except Exception:  # noqa: BLE001 - any surprise means: do not use it
+            pass
+        self.error = (f"the layout of _ssl objects in Python {sys.version.split()[0]} is not "
+                      "the one expected")
+        return False
+
+    def ssl_ptr(self, ssl_object) -> int:
+        """The SSL* of an ``ssl.SSLObject``; 0 when the layout check failed."""
+        if not self.ssl_ok:
+            return 0
+        ptr = self._raw_ssl_ptr(ssl_object)
+        return ptr if _plausible(ptr) else 0
 
 
 _openssl: _OpenSSL | None = None
@@ -116,13 +180,20 @@ def openssl() -> _OpenSSL:
     return _openssl
 
 
-def set_ticket_keys(ctx: ssl.SSLContext, key: bytes) -> bool:
-    """Install an 80-byte session-ticket key; True when OpenSSL took it."""
+def set_ticket_keys(ctx: ssl.SSLContext, keys: list[bytes]) -> str:
+    """Make ``ctx`` encrypt session tickets with ``keys[0]`` (80 bytes each) and accept
+    the others (tls/tickets.py). Returns "callback" (current and previous keys accepted),
+    "single" (OpenSSL's one-key API: the previous key is not accepted) or "" (not shared:
+    each worker uses its own random key)."""
+    if not keys:
+        return ""
     o = openssl()
-    ptr = o.checked_ptr(ctx)
-    if not ptr or len(key) != TICKET_KEY_BYTES:
-        return False
-    return o.lib.SSL_CTX_ctrl(ptr, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(key), key) == 1
+    tickets.set_keys(keys)
+    if tickets.install(ctx, o):
+        return "callback"
+    if tickets.install_single(ctx, o, keys[0]):
+        return "single"
+    return ""
 
 
 def set_groups(ctx: ssl.SSLContext, groups: list[str]) -> bool:
@@ -165,7 +236,7 @@ def pem_path(data: str | bytes):
 # ---------------------------------------------------------------- contexts
 
 def build_context(settings: dict, cert: dict | None, auth: dict | None,
-                  ticket_key: bytes | None = None, *, alpn: list[str] | None = None
+                  ticket_keys: list[bytes] | None = None, *, alpn: list[str] | None = None
                   ) -> ssl.SSLContext:
     """A server context for one certificate with the listener settings and client auth."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -197,8 +268,8 @@ def build_context(settings: dict, cert: dict | None, auth: dict | None,
         ptr = o.checked_ptr(ctx)
         if ptr:
             o.lib.SSL_CTX_set_verify_depth(ptr, int(auth.get("verify_depth", 4)))
-    if ticket_key is not None:
-        set_ticket_keys(ctx, ticket_key)
+    if ticket_keys:
+        set_ticket_keys(ctx, ticket_keys)
     return ctx
 
 
@@ -236,8 +307,14 @@ class TlsServer:
         self._key = None
         self._acme_key = None
         self._contexts: list[ssl.SSLContext] = []
-        self.ticket_key = b""
-        self.ticket_keys_ok = False
+        self.ticket_keys: list[bytes] = []
+        # the TlsAccept whose first bytes are being fed (handshake.py): the SNI callback
+        # reports its refusals there
+        self.accepting = None
+        # "callback": shared keys, previous one accepted; "single": shared, one key;
+        # "": not shared (see tls/tickets.py)
+        self.ticket_mode = ""
+        self._ticket_warned = False
 
     @property
     def ready(self) -> bool:
@@ -251,38 +328,47 @@ class TlsServer:
             self._key = None
             return
         keys = [bytes.fromhex(k) for k in tls.get("ticket_keys") or []]
-        ticket_key = keys[0] if keys else None
         key = hashlib.sha256(json.dumps(
             {k: v for k, v in tls.items() if k not in ("ticket_keys", "upstream")},
             sort_keys=True).encode()).digest()
         if key != self._key:
-            self._build(tls, ticket_key)
+            self._build(tls, keys)
             self._key = key
-        elif ticket_key is not None and ticket_key != self.ticket_key:
-            ok = True
-            for ctx in self._contexts:
-                ok = set_ticket_keys(ctx, ticket_key) and ok
-            self.ticket_keys_ok = ok
-        if ticket_key is not None:
-            self.ticket_key = ticket_key
+        elif keys != self.ticket_keys:
+            if self.ticket_mode == "callback":
+                tickets.set_keys(keys)  # the callback reads them: no context to touch
+            else:
+                modes = {set_ticket_keys(ctx, keys) for ctx in self._contexts}
+                self.ticket_mode = modes.pop() if len(modes) == 1 else ""
+        self.ticket_keys = keys
         self._update_acme(tls.get("settings", {}), (acme_challenges or {}).get("tls_alpn01"))
 
-    def _build(self, tls: dict, ticket_key: bytes | None) -> None:
+    @property
+    def ticket_keys_ok(self) -> bool:
+        """Session tickets made by one worker resume on every other one."""
+        return bool(self.ticket_mode)
+
+    def _build(self, tls: dict, ticket_keys: list[bytes]) -> None:
         settings = tls.get("settings", {})
         listener_auth = tls.get("client_auth") or {"mode": "off"}
         certs = tls.get("certificates") or []
         per_name: dict[str, dict] = {}
         for entry in tls.get("sni") or []:
             for name in entry["names"]:
-                per_name.setdefault(name, entry["client_auth"])
+                per_name.setdefault(name, entry)
         built: dict[tuple, _Entry] = {}
         contexts: list[ssl.SSLContext] = []
 
-        def entry_for(cert: dict | None, auth: dict) -> _Entry:
-            k = (cert["id"] if cert else "", json.dumps(auth, sort_keys=True))
+        def entry_for(cert: dict | None, sni: dict | None) -> _Entry:
+            auth = sni["client_auth"] if sni is not None else listener_auth
+            # per-name TLS 1.2 ciphers: the connection takes the cipher list of the
+            # context the SNI callback moves it to (OpenSSL 1.1.1+ chooses the cipher
+            # after that callback; tests/unit/tls test_per_name_ciphers)
+            ciphers = (sni or {}).get("ciphers") or settings.get("ciphers", "")
+            k = (cert["id"] if cert else "", json.dumps(auth, sort_keys=True), ciphers)
             e = built.get(k)
             if e is None:
-                ctx = build_context(settings, cert, auth, ticket_key)
+                ctx = build_context(dict(settings, ciphers=ciphers), cert, auth, ticket_keys)
                 _staple(ctx, cert)
                 contexts.append(ctx)
                 e = built[k] = _Entry(ctx, auth)
@@ -300,33 +386,44 @@ class TlsServer:
         if default is None and certs:
             default = certs[0]
 
-        def auth_of(name: str) -> dict:
+        def sni_of(name: str) -> dict | None:
             a = per_name.get(name)
             if a is None and "." in name and not name.startswith("*."):
                 a = per_name.get("*" + name[name.index("."):])
-            return a if a is not None else listener_auth
+            return a
 
         exact: dict[str, _Entry] = {}
         wild: dict[str, _Entry] = {}
         for name in list(cert_of) + [n for n in per_name if n not in cert_of]:
             cert = _lookup(cert_of, name) or default
-            e = entry_for(cert, auth_of(name))
+            e = entry_for(cert, sni_of(name))
             suffix = _wild_suffix(name)
             if suffix is not None:
                 wild[suffix] = e
             else:
                 exact[name] = e
-        base = build_context(settings, default, listener_auth, ticket_key)
+        base = build_context(settings, default, listener_auth, ticket_keys)
         _staple(base, default)
         base.sni_callback = self._sni
         contexts.append(base)
         base_verify = _Entry(base, listener_auth).verify
-        self.ticket_keys_ok = ticket_key is not None and all(
-            set_ticket_keys(c, ticket_key) for c in contexts)
-        if ticket_key is not None and not self.ticket_keys_ok:
-            log.warning("session-ticket keys not shared between workers (%s): resumption "
-                        "works only on the worker that issued a ticket",
-                        openssl().error or "OpenSSL refused the key")
+        if not openssl().ssl_ok and any(e.verify != base_verify
+                                        for e in list(exact.values()) + list(wild.values())):
+            log.warning("per-name client_auth differs from the listener's but cannot be "
+                        "applied (%s): handshakes for those names are refused",
+                        openssl().error or "no libssl access")
+        modes = {set_ticket_keys(c, ticket_keys) for c in contexts} if ticket_keys else {""}
+        mode = modes.pop() if len(modes) == 1 else ""
+        if ticket_keys and mode != "callback" and not self._ticket_warned:
+            self._ticket_warned = True
+            if not mode:
+                log.warning("session-ticket keys not shared between workers (%s): resumption "
+                            "works only on the worker that issued a ticket",
+                            openssl().error or "OpenSSL refused the key")
+            elif mode == "single":
+                log.warning("session tickets: %s; tickets made before a key rotation will "
+                            "not resume", tickets.unavailable_reason() or "no key callback")
+        self.ticket_mode = mode
         # the swap: new handshakes see the new tables; finished ones keep their context
         for old in self._contexts:
             if all(old is not c for c in contexts):
@@ -370,7 +467,7 @@ class TlsServer:
                     e = self.wild.get(name[dot:])
             if e is None:
                 if self.strict:
-                    ssl_object.dispa_reason = "unknown_sni"
+                    self._refuse(ssl_object, "unknown_sni")
                     return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
                 return None  # stays on the default certificate
             if e.ctx is not base_ctx:
@@ -390,12 +487,22 @@ class TlsServer:
                             o.crypto.X509_VERIFY_PARAM_clear_flags(param,
                                                                    _X509_V_FLAG_CRL_CHECK)
                     else:
-                        ssl_object.dispa_reason = "internal"
+                        self._refuse(ssl_object, "client_auth_unavailable")
                         return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
             return None
         except Exception:  # noqa: BLE001 - never let a bug escape into OpenSSL
             log.exception("SNI callback failed")
+            self._refuse(ssl_object, "internal")
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+
+    def _refuse(self, ssl_object, reason: str) -> None:
+        """Label a refusal for dispa_tls_handshake_errors_total."""
+        try:
+            ssl_object.dispa_reason = reason
+        except Exception:  # noqa: BLE001
+            pass
+        if self.accepting is not None:
+            self.accepting.reason = reason
 
 
 def _staple(ctx: ssl.SSLContext, cert: dict | None) -> None:

@@ -15,7 +15,9 @@ A client that connects and sends nothing, or never finishes, is closed after
 
 After the handshake a Session (compiled or pure) takes over the TLS transport with its
 ``tls`` field set (scheme https, client certificate); bytes that arrived between the end of
-the handshake and that moment are replayed to it in order.
+the handshake and that moment are replayed to it in order. ``_attach`` is also where the
+negotiated ALPN protocol picks the connection's handler (``h2``: H2Session, else the
+HTTP/1 Session): the one hook for a new ALPN protocol.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ _VERIFY_REASONS = {10: "client_cert_expired", 23: "client_cert_revoked",
                    20: "client_cert_untrusted", 2: "client_cert_untrusted",
                    18: "client_cert_untrusted", 19: "client_cert_untrusted",
                    22: "client_cert_chain_too_long", 3: "client_crl_missing",
-                   9: "client_cert_not_yet_valid"}
+                   9: "client_cert_not_yet_valid", 12: "client_crl_expired",
+                   11: "client_crl_not_yet_valid", 8: "client_crl_bad_signature"}
 _SSL_REASONS = {
     "HTTP_REQUEST": "http_on_tls_port", "HTTPS_PROXY_REQUEST": "http_on_tls_port",
     "WRONG_VERSION_NUMBER": "bad_client_hello", "UNSUPPORTED_PROTOCOL": "protocol_version",
@@ -99,7 +102,8 @@ class _Hold(asyncio.Protocol):
 class TlsAccept(asyncio.Protocol):
     """One accepted TCP connection on a TLS listener, until its handshake ends."""
 
-    __slots__ = ("plane", "transport", "timer", "coro", "hold", "started", "t0", "ctx")
+    __slots__ = ("plane", "transport", "timer", "coro", "hold", "started", "t0", "ctx",
+                 "reason")
 
     def __init__(self, plane):
         self.plane = plane  # dispa.server.worker.DataPlane: .tls, .metrics, session_factory
@@ -110,6 +114,7 @@ class TlsAccept(asyncio.Protocol):
         self.started = False
         self.t0 = 0.0
         self.ctx = None
+        self.reason = ""  # set by the SNI callback when it refuses the connection
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -161,7 +166,18 @@ class TlsAccept(asyncio.Protocol):
         self._step(None)
         proto = transport.get_protocol()
         if proto is not self:
-            loop.call_soon(_feed, proto, data)
+            loop.call_soon(self._feed_first, proto, data)
+
+    def _feed_first(self, proto, data: bytes) -> None:
+        # The ClientHello is (nearly always) in these bytes, so the SNI callback runs
+        # inside this call: it can tell this connection why it refused it (uvloop's
+        # SSLProtocol does not expose the SSLObject, so the reason cannot be found on it).
+        tls = self.plane.tls
+        tls.accepting = self
+        try:
+            _feed(proto, data)
+        finally:
+            tls.accepting = None
 
     def _step(self, _fut) -> None:
         try:
@@ -170,7 +186,7 @@ class TlsAccept(asyncio.Protocol):
             self._attach(done.value)
             return
         except BaseException as exc:  # noqa: BLE001 - every failure is counted, none escapes
-            self._failed(reason_of(exc, _last_ssl_object(self.transport)))
+            self._failed(self.reason or reason_of(exc, _last_ssl_object(self.transport)))
             log.debug("TLS handshake failed: %r", exc)
             try:
                 self.transport.abort()
@@ -187,16 +203,16 @@ class TlsAccept(asyncio.Protocol):
             return
         ssl_object = app_transport.get_extra_info("ssl_object")
         plane.metrics.inc(HANDSHAKES, (("version", ssl_object.version() or "-"),))
-        limits = getattr(plane, "h2_limits", None)
-        if limits is not None and ssl_object.selected_alpn_protocol() == "h2":
-            from dispa.proxy.h2_session import H2Session  # ALPN h2 (docs/http2.md)
-            session = H2Session(plane, limits)
+        if getattr(plane, "h2_limits", None) is not None and \
+                ssl_object.selected_alpn_protocol() == "h2":
+            session = plane.h2_session_factory()  # ALPN h2 (docs/http2.md)
         else:
             session = plane.session_factory()
         try:
             session.tls = session_info(ssl_object, plane.tls)
         except Exception:  # noqa: BLE001 - a certificate we cannot describe
             log.exception("cannot read the TLS session")
+            self._failed("client_cert_unreadable")
             app_transport.abort()
             return
         session.connection_made(app_transport)

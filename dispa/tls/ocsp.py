@@ -4,8 +4,10 @@ Master side (:func:`check_response`, :func:`fetch_response`): a response comes f
 next to the certificate (``<cert_file>.ocsp``, DER, as HAProxy reads it) or, with
 ``[tls] ocsp_stapling = true``, from the responder named in the certificate's Authority
 Information Access, fetched again once half of its validity has passed. A response is used
-only when it is SUCCESSFUL, names the leaf's serial and issuer, says GOOD, and is not past
-``next_update``; it then travels in ``Snapshot.tls`` with its certificate.
+only when it is SUCCESSFUL, names the leaf's serial and issuer, carries a valid signature
+of the issuer or of an OCSP-signing responder certificate the issuer delegated to, says
+GOOD, and is not past ``next_update``; it then travels in ``Snapshot.tls`` with its
+certificate. Anything else is refused with a warning and nothing is stapled.
 
 Worker side (:func:`install`): Python's ``ssl`` has no server OCSP API, so the status
 callback is set through ctypes (``SSL_CTX_set_tlsext_status_cb``); when a client asks
@@ -20,6 +22,7 @@ import ctypes
 import datetime
 import logging
 import urllib.request
+import weakref
 
 # The master-side functions import cryptography when called (workers never need it).
 
@@ -74,18 +77,85 @@ def check_response(der: bytes, cert_pem: str, issuer_pem: str = "", *,
         raise OcspError("the response is for another certificate")
     issuer = x509.load_pem_x509_certificate(issuer_pem.encode()) if issuer_pem else \
         (chain[1] if len(chain) > 1 else None)
-    if issuer is not None:
-        want = hashes.Hash(resp.hash_algorithm)
-        want.update(_spki_bits(issuer))
-        if resp.issuer_key_hash != want.finalize():
-            raise OcspError("the response names another issuer")
+    if issuer is None:
+        # without the issuer neither the CertID nor the signature can be checked
+        raise OcspError("the certificate file has no issuer certificate after the leaf: "
+                        "the response cannot be verified")
+    want = hashes.Hash(resp.hash_algorithm)
+    want.update(_spki_bits(issuer))
+    if resp.issuer_key_hash != want.finalize():
+        raise OcspError("the response names another issuer")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    _verify_signature(resp, issuer, now)
     if resp.certificate_status != ocsp.OCSPCertStatus.GOOD:
         raise OcspError(f"certificate status is {resp.certificate_status.name}")
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if resp.this_update_utc > now + _SKEW:
+        raise OcspError(f"the response is not valid before {resp.this_update_utc.isoformat()}")
     nxt = resp.next_update_utc
     if nxt is not None and nxt <= now:
         raise OcspError(f"the response expired at {nxt.isoformat()}")
     return nxt.timestamp() if nxt is not None else 0.0
+
+
+_SKEW = datetime.timedelta(minutes=5)  # clock difference tolerated on this_update
+
+
+def _is_responder(resp, cert) -> bool:
+    """Whether ``cert`` is the one the response's ResponderID names (by key or name)."""
+    from cryptography.hazmat.primitives import hashes
+    if resp.responder_key_hash is not None:
+        h = hashes.Hash(hashes.SHA1())
+        h.update(_spki_bits(cert))
+        return h.finalize() == resp.responder_key_hash
+    return resp.responder_name == cert.subject
+
+
+def _verify_signature(resp, issuer, now: datetime.datetime) -> None:
+    """RFC 6960 4.2.2.2: the response is signed by the issuing CA itself, or by a
+    responder certificate the CA issued for OCSP signing (id-kp-OCSPSigning), which
+    travels in the response. Raises OcspError otherwise: a forged or corrupted response
+    must never be stapled (clients that check it would refuse the connection)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    if _is_responder(resp, issuer):
+        signer = issuer
+    else:
+        signer = next((c for c in resp.certificates if _is_responder(resp, c)), None)
+        if signer is None:
+            raise OcspError("the response is signed by a responder that is neither the "
+                            "issuer nor a certificate included in the response")
+        try:
+            signer.verify_directly_issued_by(issuer)
+        except (ValueError, TypeError, InvalidSignature):
+            raise OcspError("the responder certificate was not issued by the "
+                            "certificate's issuer") from None
+        try:
+            eku = signer.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            eku = ()
+        if ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
+            raise OcspError("the responder certificate is not authorised for OCSP signing")
+        if not signer.not_valid_before_utc <= now <= signer.not_valid_after_utc:
+            raise OcspError("the responder certificate is not valid now")
+    try:
+        _check_signature(signer.public_key(), resp.signature, resp.tbs_response_bytes,
+                         resp.signature_hash_algorithm)
+    except InvalidSignature:
+        raise OcspError("the response signature does not verify") from None
+
+
+def _check_signature(key, signature: bytes, data: bytes, algorithm) -> None:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+    if isinstance(key, rsa.RSAPublicKey):
+        key.verify(signature, data, padding.PKCS1v15(), algorithm)
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        key.verify(signature, data, ec.ECDSA(algorithm))
+    elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        key.verify(signature, data)
+    else:
+        raise InvalidSignature(f"unsupported responder key type {type(key).__name__}")
 
 
 def _spki_bits(cert) -> bytes:
@@ -124,7 +194,10 @@ def fetch_response(cert_pem: str, issuer_pem: str = "", timeout: float = 10.0) -
 # ---------------------------------------------------------------- worker: stapling
 
 _STATUS_CB = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-_responses: dict[int, bytes] = {}  # SSL_CTX* -> DER response
+# SSL_CTX* -> (weak reference to its SSLContext, DER response). The weak reference drops
+# the entry when the context is freed, so a later context that OpenSSL allocates at the
+# same address never staples a response that belongs to another certificate.
+_responses: dict[int, tuple] = {}
 _lib = None
 _callback = None
 
@@ -145,7 +218,8 @@ def _setup(o) -> bool:
 
     def status_cb(ssl_ptr, _arg):
         try:
-            der = _responses.get(lib.SSL_get_SSL_CTX(ssl_ptr))
+            entry = _responses.get(lib.SSL_get_SSL_CTX(ssl_ptr))
+            der = entry[1] if entry is not None and entry[0]() is not None else None
             if not der:
                 return _SSL_TLSEXT_ERR_NOACK
             buf = o.crypto.CRYPTO_malloc(len(der), b"dispa-ocsp", 0)
@@ -170,7 +244,10 @@ def install(ctx, der: bytes | None) -> bool:
     if not ptr or not _setup(o):
         return False
     if der:
-        _responses[ptr] = der
+        def dropped(ref, ptr=ptr):
+            if _responses.get(ptr, (None,))[0] is ref:
+                del _responses[ptr]
+        _responses[ptr] = (weakref.ref(ctx, dropped), bytes(der))
     else:
         _responses.pop(ptr, None)
     return _lib.SSL_CTX_callback_ctrl(ptr, _SSL_CTRL_SET_TLSEXT_STATUS_REQ_CB,

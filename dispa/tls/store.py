@@ -37,7 +37,7 @@ DAY = 86400.0
 
 class _Source:
     __slots__ = ("key", "cert_file", "key_file", "names", "state", "current", "previous",
-                 "error")
+                 "error", "pinned")
 
     def __init__(self, key: str, cert_file: str, key_file: str, names: list[str]):
         self.key = key
@@ -48,6 +48,9 @@ class _Source:
         self.current: dict | None = None
         self.previous: dict | None = None
         self.error = ""
+        # after a rollback: the files' state then; the rolled-back version serves until
+        # the files change (a forced refresh, SIGHUP or config reload, keeps it)
+        self.pinned = None
 
 
 class CertStore:
@@ -136,6 +139,10 @@ class CertStore:
             state = file_state(cert_file, key_file, ocsp_file)
             if not force and state == src.state:
                 continue
+            if src.pinned is not None:
+                if state == src.pinned:
+                    continue
+                src.pinned = None  # the files changed since the rollback: read them
             src.state = state
             try:
                 info = load_pair(cert_file, key_file)
@@ -147,6 +154,7 @@ class CertStore:
                 src.error = str(exc)
                 continue
             src.error = ""
+            _warn_key_mode(key_file)
             if names:
                 info["names"] = list(names)
             self._load_ocsp_file(info, ocsp_file)
@@ -159,9 +167,25 @@ class CertStore:
                 src.previous, src.current = src.current, info
                 changed = True
         changed = self._refresh_files(force) or changed
+        changed = self._drop_expired_staples() or changed
         if changed:
             self.changes += 1
         self._warn_expiry()
+        return changed
+
+    def _drop_expired_staples(self) -> bool:
+        """A stapled response past its next_update is withdrawn (clients would refuse it):
+        a .ocsp file nobody refreshed, or a responder that stopped answering."""
+        now = self.clock()
+        changed = False
+        for src in self.sources.values():
+            c = src.current
+            if c and c.get("ocsp") and 0 < c.get("ocsp_next", 0) <= now:
+                log.error("OCSP response for %s expired: no longer stapled", src.cert_file,
+                          extra={"fields": {"cert_file": src.cert_file}})
+                c.pop("ocsp")
+                c.pop("ocsp_next")
+                changed = True
         return changed
 
     def _refresh_files(self, force: bool) -> bool:
@@ -176,6 +200,10 @@ class CertStore:
                     pem = f.read()
                 if "-----BEGIN" not in pem:
                     raise ValueError("no PEM block")
+                from dispa.tls.config import _pem_bundle
+                problem = _pem_bundle(path, "CA certificate or CRL")
+                if problem:  # what the workers' OpenSSL would refuse: keep the old one
+                    raise ValueError(problem)
                 error = ""
             except (OSError, ValueError) as exc:
                 pem = old[1] if old else ""
@@ -183,6 +211,8 @@ class CertStore:
                 log.error("client-auth file refused: %s", error)
             if old is None or old[1] != pem:
                 changed = True
+                if pem and not error:
+                    _warn_crl_dates(path, pem, self.clock())
             self.files[path] = (state, pem, error)
         return changed
 
@@ -202,7 +232,7 @@ class CertStore:
         except OSError:
             return
         try:
-            ocsp.check_response(der, info["cert_pem"])
+            info["ocsp_next"] = ocsp.check_response(der, info["cert_pem"])
         except ocsp.OcspError as exc:
             log.warning("OCSP response %s not stapled: %s", path, exc)
             return
@@ -233,6 +263,7 @@ class CertStore:
                 self.ocsp_due[c["id"]] = now + 300.0
                 continue
             self.ocsp_due[c["id"]] = now + (max(60.0, (nxt - now) / 2) if nxt else 3600.0)
+            c["ocsp_next"] = nxt
             if c.get("ocsp") != der.hex():
                 c["ocsp"] = der.hex()
                 changed = True
@@ -253,14 +284,27 @@ class CertStore:
         self.ticket_rotated_at = now
         return True
 
-    def rollback(self, cert_file: str) -> bool:
-        """Serve the previous good version of a source again (until its files change)."""
+    def rollback(self, cert_file: str) -> dict:
+        """Serve the previous good version of a source again, until its files change
+        (``POST /admin/tls/rollback``). Returns the source's new status entry; raises
+        LookupError (no such source) or ValueError (nothing to roll back to)."""
         src = self.sources.get(os.path.abspath(cert_file))
-        if src is None or src.previous is None:
-            return False
+        if src is None:
+            raise LookupError(f"no certificate source {cert_file!r}; sources: "
+                              f"{', '.join(s.cert_file for s in self.sources.values())}")
+        if src.previous is None:
+            raise ValueError(f"{cert_file}: no previous version to roll back to")
+        if src.previous["not_after"] <= self.clock():
+            raise ValueError(f"{cert_file}: the previous version has expired")
         src.current, src.previous = src.previous, src.current
+        src.pinned = src.state
         self.changes += 1
-        return True
+        log.warning("certificate %s rolled back to %s (until its files change)",
+                    src.cert_file, src.current["id"], extra={"fields": {
+                        "cert_file": src.cert_file, "id": src.current["id"],
+                        "previous": src.previous["id"]}})
+        return {"cert_file": src.cert_file, "id": src.current["id"],
+                "previous_id": src.previous["id"], "names": src.current["names"]}
 
     # -- output ------------------------------------------------------------------------
     def certificates(self) -> list[dict]:
@@ -289,7 +333,8 @@ class CertStore:
             {k: cert.get(k) for k in ("id", "names", "cert_pem", "key_pem", "not_after",
                                       "ocsp")}
             for cert in self.certificates()]
-        out["ticket_keys"] = [k.hex() for k in self.ticket_keys[:1]]
+        # current first, then the previous one: workers still accept tickets made with it
+        out["ticket_keys"] = [k.hex() for k in self.ticket_keys[:2]]
         return out
 
     def errors(self) -> list[dict]:
@@ -310,6 +355,7 @@ class CertStore:
                 "expires_in_seconds": round(s.current["not_after"] - now)
                 if s.current else None,
                 "previous_id": s.previous["id"] if s.previous else None,
+                "rolled_back": s.pinned is not None,
                 "ocsp_stapled": bool(s.current and s.current.get("ocsp")),
                 "error": s.error or None,
             } for s in self.sources.values()],
@@ -347,6 +393,41 @@ class CertStore:
                             ", ".join(c["names"]) or "-", left / DAY,
                             extra={"fields": {"cert_file": s.cert_file, "names": c["names"],
                                               "expires_in_seconds": round(left)}})
+
+
+def _warn_crl_dates(path: str, pem: str, now: float) -> None:
+    """A CRL past its nextUpdate makes OpenSSL refuse every client certificate
+    (``client_crl_expired``): say so when the file is (re)read."""
+    if "X509 CRL" not in pem:
+        return
+    from cryptography import x509
+    for block in pem.split("-----END X509 CRL-----")[:-1]:
+        start = block.find("-----BEGIN X509 CRL-----")
+        if start < 0:
+            continue
+        try:
+            crl = x509.load_pem_x509_crl((block[start:] + "-----END X509 CRL-----\n").encode())
+        except ValueError as exc:
+            log.error("CRL in %s cannot be parsed: %s", path, exc)
+            continue
+        nxt = crl.next_update_utc
+        if nxt is not None and nxt.timestamp() <= now:
+            log.error("CRL %s (%s) expired at %s: client certificates it covers are refused "
+                      "(client_crl_expired) until a fresh CRL is in place", path,
+                      crl.issuer.rfc4514_string(), nxt.isoformat(),
+                      extra={"fields": {"file": path, "next_update": nxt.isoformat()}})
+
+
+def _warn_key_mode(key_file: str) -> None:
+    """A private key that every user of the box can read deserves a warning (it is still
+    served: refusing would take a site down over a chmod)."""
+    try:
+        mode = os.stat(key_file).st_mode
+    except OSError:
+        return
+    if mode & 0o004:
+        log.warning("private key %s is readable by every user (mode %o): chmod 600 it",
+                    key_file, mode & 0o777, extra={"fields": {"key_file": key_file}})
 
 
 def _ocsp_file(cert_file: str) -> str:

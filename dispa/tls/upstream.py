@@ -1,6 +1,9 @@
 """Upstream TLS: the client context a pool uses for an ``https://`` target.
 
-Verification is on by default (system trust store, or the pinned ``ca_file``); the name
+The settings are ``[tls.upstream]``, or the ``tls`` table of the endpoint's cluster
+(``[targets.tls]``, ``[target_groups.tls]``; config checks make sure an endpoint listed by
+two clusters gets the same from both, as it has one pool). Verification is on by default
+(system trust store, or the pinned ``ca_file``); the name
 sent in SNI and checked against the certificate is ``server_name`` or the target's host;
 an optional client certificate is presented. Contexts are cached per settings (and file
 state, so a replaced CA or client certificate is picked up at the next snapshot).
@@ -48,6 +51,8 @@ def upstream_tls(tls: dict | None, endpoint_id: str, host: str) -> UpstreamTls |
     up = (tls or {}).get("upstream")
     if not up or endpoint_id not in up.get("endpoints", ()):
         return None
+    # the endpoint's cluster has its own [targets.tls] / [target_groups.tls]
+    up = (up.get("per_endpoint") or {}).get(endpoint_id) or up
     return UpstreamTls(client_context(up), up.get("server_name") or host)
 
 

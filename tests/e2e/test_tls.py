@@ -261,6 +261,52 @@ def test_rotation_under_load_drops_nothing(env):
     assert rot["previous_id"] and rot["previous_id"] != rot["id"]
 
 
+def _admin_post(env, path: str, body: bytes) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(f"http://127.0.0.1:{env.admin}{path}", data=body,
+                                 method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_admin_rollback_serves_the_previous_certificate(env):
+    """POST /admin/tls/rollback swaps in the previous version on every worker without a
+    restart; it holds through a SIGHUP; a second rollback undoes the first."""
+    import json
+    import signal
+    rot = [c for c in env.proc.status()["tls"]["certificates"]
+           if c["cert_file"].endswith("rot.crt")][0]
+    assert rot["previous_id"]  # test_rotation_under_load_drops_nothing made one
+    before = served_cn(env, "rot.test")
+    code, body = _admin_post(env, "/admin/tls/rollback",
+                             json.dumps({"cert_file": env.rot_cert}).encode())
+    assert code == 200 and body["id"] == rot["previous_id"] and body["applied"], body
+    old_cn = served_cn(env, "rot.test")
+    assert old_cn != before
+    for _ in range(6):  # every worker serves it (new connections spread over both)
+        assert served_cn(env, "rot.test") == old_cn
+    reloads = env.proc.status()["reloads"]["ok"]
+    env.proc.signal(signal.SIGHUP)  # a forced re-read of unchanged files keeps it
+    wait_for(lambda: env.proc.status()["reloads"]["ok"] > reloads, 20, "the reload")
+    assert any(c["rolled_back"] for c in env.proc.status()["tls"]["certificates"])
+    assert served_cn(env, "rot.test") == old_cn
+    code, body = _admin_post(env, "/admin/tls/rollback",
+                             json.dumps({"cert_file": env.rot_cert}).encode())
+    assert code == 200 and body["id"] == rot["id"]
+    assert served_cn(env, "rot.test") == before
+    assert _admin_post(env, "/admin/tls/rollback", b"{}")[0] == 400
+    assert _admin_post(env, "/admin/tls/rollback", b'{"cert_file": "/nope.crt"}')[0] == 404
+    code, body = _admin_post(env, "/admin/tls/rollback", json.dumps(
+        {"cert_file": [c for c in env.proc.status()["tls"]["certificates"]
+                       if c["cert_file"].endswith("exact.crt")][0]["cert_file"]}).encode())
+    assert code == 409 and "no previous version" in body["error"]
+
+
 def test_bad_replacement_is_refused_and_the_old_one_keeps_serving(env):
     before = served_cn(env, "rot.test")
     other_key = env.ca.issue("x")[1]
@@ -382,6 +428,15 @@ def test_expiry_gauge_and_handshake_counter(env):
                      env.proc.admin_get("/metrics")[1].decode())
 
 
+def test_private_keys_are_not_exposed_by_the_admin_api(env):
+    key_body = "".join(Path(env.rot_key).read_text().splitlines()[1:-1])[:40]
+    for path in ("/admin/config", "/admin/status", "/metrics", "/metrics/json"):
+        code, body = env.proc.admin_get(path)
+        assert code == 200
+        assert b"PRIVATE KEY" not in body and key_body.encode() not in body, path
+    assert key_body not in env.proc.log() and "PRIVATE KEY" not in env.proc.log()
+
+
 # ------------------------------------------------------------------------------ upstream TLS
 
 class TlsOrigin(Origin):
@@ -431,15 +486,23 @@ key_file = "{client[1]}"
             status, _, body = read_one_response(s)
         assert status == 200 and body == b"ok from tls-origin"
         assert b"/via-tls" in origin.targets()
-        # a wrong expected name fails verification: 502, nothing reaches the origin
-        cfg.write_text(cfg.read_text().replace('server_name = "origin.internal"',
-                                               'server_name = "other.internal"'))
+        # [targets.tls] overrides [tls.upstream] for this cluster: a wrong expected name
+        # fails verification: 502, nothing reaches the origin
+        base = cfg.read_text()
+        cfg.write_text(base + extra.replace("[tls.upstream]", "[targets.tls]").replace(
+            'server_name = "origin.internal"', 'server_name = "other.internal"'))
         wait_for(lambda: proc.status()["reloads"]["ok"] >= 1, 20, "the reload")
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             s.sendall(b"GET /wrong-name HTTP/1.1\r\nHost: x\r\n\r\n")
             status, _, _ = read_one_response(s)
         assert status == 502
         assert b"/wrong-name" not in origin.targets()
+        # the cluster's table with the right name: served again
+        cfg.write_text(base + extra.replace("[tls.upstream]", "[targets.tls]"))
+        wait_for(lambda: proc.status()["reloads"]["ok"] >= 2, 20, "the second reload")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /group-tls HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_one_response(s)[0] == 200
     finally:
         proc.stop()
         origin.stop()

@@ -104,6 +104,7 @@ def write_pair(directory: pathlib.Path, stem: str, cert, key, chain=()) -> tuple
     k = directory / f"{stem}.key"
     crt.write_bytes(cert_pem(cert) + b"".join(cert_pem(c) for c in chain))
     k.write_bytes(key_pem(key))
+    k.chmod(0o600)  # as an operator should keep a key (the store warns about 0644)
     return str(crt), str(k)
 
 

@@ -17,6 +17,7 @@ from dispa.tls.config import TlsConfig, compile_tls
 from dispa.tls.context import TlsServer
 from dispa.tls.handshake import TlsAccept
 from dispa.tls.store import CertStore
+from tests.support.dispa_proc import wait_for
 from tests.support.pki import CA, write_pair
 
 
@@ -40,9 +41,10 @@ class _Plane:
         self.session_factory = _Echo
 
 
-@pytest.fixture
-def served(tmp_path):
-    """(port, plane, ca, store, loop) of a TlsAccept server in a thread."""
+@pytest.fixture(params=["uvloop", "asyncio"])
+def served(tmp_path, request):
+    """(port, plane, ca, store, loop) of a TlsAccept server in a thread, on uvloop (what
+    workers run) and on asyncio's loop (whose SSLProtocol differs)."""
     ca = CA()
     write_pair(tmp_path, "a", *ca.issue("a.test", dns=["a.test"]))
     cfg = TlsConfig(enabled=True, certificate_dirs=[str(tmp_path)], handshake_timeout=1.0)
@@ -51,7 +53,11 @@ def served(tmp_path):
     store.refresh(force=True)
     plane = _Plane(TlsServer())
     plane.tls.update(store.payload())
-    loop = asyncio.new_event_loop()
+    if request.param == "uvloop":
+        import uvloop
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     ready = threading.Event()
     box = {}
 
@@ -67,6 +73,7 @@ def served(tmp_path):
     yield box["port"], plane, ca, store, loop
     loop.call_soon_threadsafe(loop.stop)
     th.join(10)
+    loop.close()
 
 
 def _get(port, ca, sni, path=b"/x", alpn=None, verify=True):
@@ -96,7 +103,9 @@ def test_requests_flow_after_the_handshake(served):
     for i in range(20):
         data, der, alpn = _get(port, ca, "a.test", b"/r%d" % i, alpn=["http/1.1"])
         assert data.endswith(b"/r%d" % i) and alpn == "http/1.1"
-    assert plane.metrics.export()  # counters exported like the others
+    handshakes = sum(v for k, v in list(plane.metrics._counters.items())
+                     if k[0] == "dispa_tls_handshakes_total")
+    assert handshakes == 20 and _errors(plane) == {}
 
 
 def test_tls_alpn_01_challenge_certificate(served):
@@ -131,12 +140,76 @@ def test_garbage_is_counted_and_closed(served):
                 pass
         except ConnectionResetError:
             pass
-    import time
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        errors = [c for c in plane.metrics.export().get("counters", [])
-                  if "dispa_tls_handshake_errors_total" in str(c)]
-        if errors:
-            break
-        time.sleep(0.05)
-    assert errors
+    wait_for(lambda: _errors(plane), 5, "the handshake error counter")
+    assert set(_errors(plane)) == {"bad_client_hello"}
+
+
+def _errors(plane) -> dict:
+    """{reason: count} of dispa_tls_handshake_errors_total."""
+    out = {}
+    for key, value in list(plane.metrics._counters.items()):
+        if key[0] == "dispa_tls_handshake_errors_total":
+            out[dict(key[1])["reason"]] = value
+    return out
+
+
+def _apply(loop, plane, payload):
+    done = threading.Event()
+    loop.call_soon_threadsafe(lambda: (plane.tls.update(payload), done.set()))
+    assert done.wait(5)
+
+
+def test_strict_sni_refuses_unknown_names_with_its_own_label(served, tmp_path):
+    port, plane, ca, store, loop = served
+    cfg = TlsConfig(enabled=True, certificate_dirs=[str(tmp_path)], strict_sni=True)
+    store.configure(cfg, compile_tls(cfg, []))
+    store.refresh(force=True)
+    _apply(loop, plane, store.payload())
+    # (the alert itself may not reach the client: the loop's SSL protocol drops the
+    # connection on a handshake error; what matters is the refusal and its label)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _get(port, ca, "unknown.test", verify=False)
+    wait_for(lambda: _errors(plane).get("unknown_sni") == 1, 5, "the unknown_sni label")
+    assert _get(port, ca, "a.test")[0].endswith(b"/x")  # known names are served
+    assert set(_errors(plane)) == {"unknown_sni"}
+
+
+def _resume(port, ctx, session=None):
+    """(reused, session) of one request over a new connection offering ``session``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s, \
+            ctx.wrap_socket(s, server_hostname="a.test", session=session) as t:
+        t.sendall(b"GET /t HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = b""
+        while not data.endswith(b"/t"):  # reading also takes the TLS 1.3 tickets in
+            chunk = t.recv(4096)
+            assert chunk, data
+            data += chunk
+        return t.session_reused, t.session
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tickets_of_the_previous_key_still_resume(served, version):
+    """After one rotation a ticket made with the previous key resumes (and is renewed
+    under the current key); after two it is unknown and the handshake is a full one."""
+    from dispa.tls import tickets
+    port, plane, ca, store, loop = served
+
+    def rotate():
+        store.rotate_ticket_keys(force=True)
+        _apply(loop, plane, store.payload())
+
+    ctx = ssl.create_default_context()
+    ctx.load_verify_locations(cadata=ca.pem.decode())
+    ctx.minimum_version = ctx.maximum_version = version
+    rotate()
+    assert plane.tls.ticket_mode == "callback"
+    reused, first = _resume(port, ctx)
+    assert not reused and first.has_ticket
+    assert _resume(port, ctx, first)[0]  # same key: resumes
+    rotate()
+    before = tickets.stats["decrypted_previous"]
+    reused, renewed = _resume(port, ctx, first)
+    assert reused and tickets.stats["decrypted_previous"] == before + 1
+    rotate()
+    assert not _resume(port, ctx, first)[0]  # two rotations ago: unknown
+    assert _resume(port, ctx, renewed)[0]  # the renewed ticket: previous key now
