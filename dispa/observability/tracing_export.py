@@ -1,0 +1,209 @@
+"""Span export: the exporter (OTLP/HTTP, OTLP/gRPC, Zipkin JSON) and the batching thread.
+
+Theory of operation
+-------------------
+Imported only by a worker whose snapshot turns tracing on (observability/tracing.py
+imports it lazily): it is the one module that loads opentelemetry-sdk and an exporter.
+
+:class:`SpanBatcher` is Dispa's own batcher, the SDK BatchSpanProcessor's algorithm
+without its per-drop warning log line: the event loop appends finished spans to a bounded
+deque (``put``, O(1), never blocks), and a daemon thread exports them in batches of
+``max_export_batch_size`` every ``schedule_delay`` seconds, or as soon as a batch is full.
+When the deque is full, new spans are dropped and counted (``dropped``), so a slow or absent
+collector never grows memory or slows requests. ``flush`` (graceful shutdown) exports
+everything queued, from the calling thread; ``close`` stops the thread and shuts the
+exporter down.
+
+Spans are the SDK's :class:`~opentelemetry.sdk.trace.ReadableSpan`, built with explicit
+ids and start/end timestamps (the request already happened), which is what every exporter
+takes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+log = logging.getLogger("dispa.observability.tracing")
+
+__all__ = ["SpanBatcher", "make_exporter", "make_resource", "SCOPE", "span",
+           "SERVER", "CLIENT", "ERROR_STATUS", "UNSET_STATUS"]
+
+SERVER = SpanKind.SERVER
+CLIENT = SpanKind.CLIENT
+ERROR_STATUS = Status(StatusCode.ERROR)
+UNSET_STATUS = Status(StatusCode.UNSET)
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+def _scope() -> InstrumentationScope:
+    try:
+        from dispa import __version__ as version
+    except ImportError:  # pragma: no cover
+        version = None
+    return InstrumentationScope("dispa", version)
+
+
+SCOPE = _scope()
+
+
+def make_resource(part: dict, worker_id: int) -> Resource:
+    """``service.name``, the operator's ``resource_attributes`` and the worker id (the
+    SDK adds its own telemetry.sdk.* and OTEL_RESOURCE_ATTRIBUTES)."""
+    attrs = {"service.name": part.get("service_name") or "dispa",
+             "service.instance.id": f"worker-{worker_id}"}
+    attrs.update(part.get("resource_attributes") or {})
+    return Resource.create(attrs)
+
+
+def span(name: str, trace_id: int, span_id: int, parent_id: int, remote_parent: bool,
+         kind, start_ns: int, end_ns: int, attributes: dict, status: Status,
+         resource: Resource) -> ReadableSpan:
+    """One finished span with explicit ids and times (always exported: sampled flag)."""
+    parent = (SpanContext(trace_id, parent_id, is_remote=remote_parent, trace_flags=_SAMPLED)
+              if parent_id else None)
+    return ReadableSpan(
+        name=name,
+        context=SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED),
+        parent=parent, resource=resource, attributes=attributes, kind=kind, status=status,
+        start_time=start_ns, end_time=end_ns, instrumentation_scope=SCOPE)
+
+
+def make_exporter(part: dict):
+    """The SpanExporter for ``part`` (``Snapshot.observability["tracing"]``)."""
+    kind = part["exporter"]
+    endpoint = part["endpoint"]
+    headers = dict(part.get("headers") or {})
+    timeout = float(part.get("timeout") or 10.0)
+    gzip = part.get("compression") == "gzip"
+    if kind == "otlp_http":
+        from opentelemetry.exporter.otlp.proto.http import Compression
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        return OTLPSpanExporter(endpoint=endpoint, headers=headers, timeout=timeout,
+                                compression=Compression.Gzip if gzip
+                                else Compression.NoCompression)
+    if kind == "otlp_grpc":
+        from grpc import Compression as GrpcCompression
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        insecure = not endpoint.startswith("https://")
+        target = endpoint.split("://", 1)[-1].rstrip("/")
+        return OTLPSpanExporter(endpoint=target, insecure=insecure, headers=headers or None,
+                                timeout=timeout,
+                                compression=GrpcCompression.Gzip if gzip else None)
+    if kind == "zipkin":
+        from opentelemetry.exporter.zipkin.json import ZipkinExporter
+        return _ZipkinWithHeaders(ZipkinExporter(endpoint=endpoint, timeout=int(timeout) or 1),
+                                  headers)
+    raise ValueError(f"unknown exporter {kind!r}")
+
+
+class _ZipkinWithHeaders:
+    """The Zipkin exporter plus the configured extra headers (it has no such option)."""
+
+    def __init__(self, inner, headers: dict):
+        self.inner = inner
+        if headers:
+            inner.session.headers.update(headers)
+
+    def export(self, spans):
+        return self.inner.export(spans)
+
+    def shutdown(self):
+        return self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+class SpanBatcher:
+    """A bounded queue of finished spans, exported in batches by one daemon thread."""
+
+    def __init__(self, exporter, *, max_queue_size: int = 2048,
+                 max_export_batch_size: int = 512, schedule_delay: float = 5.0,
+                 export_timeout: float = 30.0):
+        self.exporter = exporter
+        self.max_queue_size = max_queue_size
+        self.max_batch = max_export_batch_size
+        self.delay = schedule_delay
+        self.export_timeout = export_timeout
+        self.queue: collections.deque = collections.deque()
+        self.dropped = 0    # spans refused because the queue was full
+        self.exported = 0   # spans the exporter accepted
+        self.failed = 0     # spans in batches the exporter failed
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # one export at a time (thread vs flush)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="dispa-span-export",
+                                        daemon=True)
+        self._thread.start()
+
+    def put(self, spans) -> None:
+        """Queue finished spans (event loop; never blocks)."""
+        q = self.queue
+        room = self.max_queue_size - len(q)
+        if room < len(spans):
+            self.dropped += len(spans) - max(room, 0)
+            spans = spans[:max(room, 0)]
+        q.extend(spans)
+        if len(q) >= self.max_batch:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.delay)
+            self._wake.clear()
+            if self._closed:
+                break
+            self._export_all()
+
+    def _export_all(self) -> None:
+        with self._lock:
+            q = self.queue
+            while q:
+                batch = []
+                pop = q.popleft
+                try:
+                    for _ in range(min(self.max_batch, len(q))):
+                        batch.append(pop())
+                except IndexError:  # pragma: no cover - only this thread pops
+                    pass
+                if not batch:
+                    break
+                try:
+                    result = self.exporter.export(batch)
+                except Exception:  # noqa: BLE001 - a broken collector must not kill us
+                    log.exception("span export failed")
+                    result = SpanExportResult.FAILURE
+                if result == SpanExportResult.SUCCESS:
+                    self.exported += len(batch)
+                else:
+                    self.failed += len(batch)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Export everything queued now (blocking; call from a thread, not the loop).
+        True when the queue is empty afterwards."""
+        deadline = time.monotonic() + (timeout if timeout is not None else self.export_timeout)
+        while self.queue and time.monotonic() < deadline:
+            self._export_all()
+        return not self.queue
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush, stop the thread, shut the exporter down (blocking)."""
+        if self._closed:
+            return
+        self.flush(timeout)
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout)
+        try:
+            self.exporter.shutdown()
+        except Exception:  # noqa: BLE001
+            log.exception("span exporter shutdown failed")
