@@ -66,6 +66,7 @@ cdef class Session:
     cdef readonly object transport
     cdef readonly RequestParser parser
     cdef readonly str peer_ip
+    cdef public object tls   # tls.mtls.TlsInfo on a TLS connection (set before connection_made)
     cdef readonly int state
     cdef public double deadline
     cdef readonly bint read_paused
@@ -154,7 +155,7 @@ cdef class Session:
     cdef int _protocol_error(self, object exc) except -1
     cdef int _respond_local(self, int status, bytes body, bint close) except -1
     cdef int _finish_exchange(self, UpstreamConnection conn, bint reusable) except -1
-    cdef int _start_tunnel(self) except -1
+    cdef int _start_tunnel(self, bytes up_rest) except -1
     cdef int _release_ep(self) except -1
     cpdef _abort(self, str why)
     cdef int _close(self) except -1
@@ -188,6 +189,7 @@ cdef class Pool:
     cdef public long long connects
     cdef public long long reuses
     cdef public bint retired
+    cdef public object tls   # tls.upstream.UpstreamTls, or None: plain TCP
     cdef Py_ssize_t max_idle
     cdef Py_ssize_t max_total
     cdef double idle_timeout

@@ -218,8 +218,8 @@ cdef _RuntimeView _view_of(object server):
     v.drop_request = rt.drop_request
     v.ndrop = 0
     for name in (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
-                 b"via", b"expect", v.rid_name):
-        if name:  # v.rid_name keeps its bytes alive as long as the view
+                 b"via", b"expect", v.rid_name, getattr(rt, "client_cert_header", None)):
+        if name:  # v.rid_name and v.rt keep their bytes alive as long as the view
             v.drop[v.ndrop].p = <const unsigned char*>PyBytes_AS_STRING(name)
             v.drop[v.ndrop].n = PyBytes_GET_SIZE(name)
             v.ndrop += 1
@@ -263,6 +263,7 @@ cdef class Session:
         self.transport = None
         self.parser = None
         self.peer_ip = ""
+        self.tls = None  # set by tls.handshake before connection_made on a TLS listener
         self.state = ST_IDLE
         self.deadline = 0.0  # monotonic; 0 = none. Checked by the server's sweeper.
         self.read_paused = False
@@ -580,7 +581,7 @@ cdef class Session:
         cdef list headers = override if override is not None else head.headers
         trusted = self._memo_trusted   # rt.trusted.contains(peer_ip), memoised in _on_head
         fast = (authority is None and not trusted and rt.via_ok and rt.rid_name_ok
-                and PyUnicode_IS_ASCII(peer_ip))
+                and PyUnicode_IS_ASCII(peer_ip) and self.tls is None)
         if fast and via:
             # a Via chain from the client is extended (forwarding.py): Python path
             for i in range(len(headers)):
@@ -597,7 +598,11 @@ cdef class Session:
             fast = need <= FWD_SCRATCH
         if not fast:
             # the reference path (session.py, line for line)
-            extra = forwarding_headers(head, peer_ip, trusted, via, host=authority)
+            tls = self.tls
+            extra = forwarding_headers(head, peer_ip, trusted, via,
+                                       b"http" if tls is None else b"https", host=authority)
+            if tls is not None and tls.headers:
+                extra += tls.headers  # the client certificate (tls/mtls.py)
             drop = rt.drop_request
             if authority is not None:
                 # absolute form: the target's authority replaces Host (RFC 9112 §3.2.2)
@@ -912,9 +917,6 @@ cdef class Session:
                     finished = True
                     break
                 elif ev == EV_UPGRADE:
-                    rest = parser.take_rest()
-                    if rest:
-                        self._emit(rest)
                     if self._outl is not None:
                         out = py_EMPTY.join(self._outl)
                     elif self._out1 is not None:
@@ -924,7 +926,7 @@ cdef class Session:
                     self._out1 = None
                     self._outl = None
                     self.transport.write(out)
-                    self._start_tunnel()
+                    self._start_tunnel(parser.take_rest())
                     return 0
         except ProtocolError as exc:
             self._out1 = None
@@ -1331,11 +1333,30 @@ cdef class Session:
         self.parser._release_if_empty()
         return 0
 
-    cdef int _start_tunnel(self) except -1:
-        self.state = ST_TUNNEL
+    cdef int _start_tunnel(self, bytes up_rest) except -1:
+        # After the upstream's 101: raw bytes both ways, or, for a WebSocket upgrade, hand
+        # both connections to proxy/websocket.py (up_rest: upstream bytes after the 101).
+        cdef bint held
         self.deadline = 0.0
         self._log_request(101)
         rest = self.parser.take_rest()
+        ws = getattr(self.server, "websocket", None)
+        if ws is not None and ws.wants(self.head):
+            # The tunnel takes over both transports (set_protocol) and the endpoint's
+            # in-flight count; this session ends here without closing anything.
+            up = self.upstream
+            up.owner = None
+            self.upstream = None
+            held = self.ep_held
+            self.ep_held = False
+            self.state = ST_CLOSED
+            self.server.sessions.discard(self)
+            ws.take_over(self.server, self.transport, up, self.cluster,
+                         self.ep if held else -1, rest, up_rest, self.peer_ip)
+            return 0
+        self.state = ST_TUNNEL
+        if up_rest:
+            self.transport.write(up_rest)
         if rest:
             self.upstream.transport.write(rest)
         return self._resume_reading()
@@ -1401,7 +1422,9 @@ cdef object _exchange_of(Session s, int status):
     ep_id = None
     if s.ep >= 0 and s.cluster is not None:
         ep_id = s.cluster.endpoints[s.ep].id
-        if not (attempts and attempts[-1][0] == ep_id and attempts[-1][1] == s.t_up):
+        # (no negative index: this module is compiled with wraparound=False)
+        last = attempts[len(attempts) - 1] if attempts else None
+        if not (last is not None and last[0] == ep_id and last[1] == s.t_up):
             attempts.append((ep_id, s.t_up, now, "ok"))
     return make_exchange(s.t0, now, s.peer_ip, s.head, s.domain, status, s.req_bytes,
                          s.resp_bytes, s.rid, s.cluster, ep_id, attempts, s.plan,
@@ -1502,6 +1525,7 @@ cdef class Pool:
         self.connects = 0  # lifetime count, for metrics and tests
         self.reuses = 0
         self.retired = False  # no longer in any snapshot: busy connections close on release
+        self.tls = None  # tls.upstream.UpstreamTls for an https:// endpoint
         self.max_idle = spec.max_idle
         self.max_total = spec.max_total
         self.idle_timeout = spec.idle_timeout_seconds
@@ -1526,10 +1550,15 @@ cdef class Pool:
         self.total += 1
         self.connects += 1
         conn = UpstreamConnection(self)
+        tls = self.tls
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: conn, self.host, self.port),
-                timeout_seconds)
+            if tls is None:
+                connecting = self.loop.create_connection(lambda: conn, self.host, self.port)
+            else:
+                connecting = self.loop.create_connection(
+                    lambda: conn, self.host, self.port, ssl=tls.context,
+                    server_hostname=tls.server_name, ssl_handshake_timeout=timeout_seconds)
+            await asyncio.wait_for(connecting, timeout_seconds)
         except asyncio.TimeoutError:
             self._forget_count(conn)
             raise UpstreamError("upstream connect timeout", status_hint=504,

@@ -7,6 +7,12 @@ set -euo pipefail
 export DISPA_REQUIRE_NGINX=1
 cd "$(dirname "$0")/.."
 bash ci/install-system-deps.sh
+# h2spec (HTTP/2 conformance, tests/conformance): a pinned version from the Go module proxy
+export PATH="$PATH:/usr/local/go/bin"
+if [ ! -x "$HOME/go/bin/h2spec" ]; then
+  GOBIN=$HOME/go/bin go install github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible
+fi
+export H2SPEC="$HOME/go/bin/h2spec"
 export PATH="$HOME/.cargo/bin:$PATH"
 python3 -m pip install -q --upgrade pip >/dev/null
 # Editable install: compiles dispa/_hotpath*.so and dispa/_rust*.so into the source tree, so

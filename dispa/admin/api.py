@@ -216,6 +216,7 @@ class AdminServer:
             "/admin/config": {"GET": self._config},
             "/admin/log-level": {"GET": self._get_log_level, "PUT": self._put_log_level},
             "/admin/cache/purge": {"POST": self._purge_cache},
+            "/admin/tls/rollback": {"POST": self._tls_rollback},  # docs/tls.md
         }
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -489,6 +490,27 @@ class AdminServer:
         except ValueError as e:
             return _error(400, str(e))
         log.info("cache purge requested", extra=logs.fields(**{k: body.get(k) for k in body}))
+        return _json_response(200, result)
+
+
+    async def _tls_rollback(self, req: _Request) -> _Response:
+        """``{"cert_file": "..."}``: serve that certificate's previous version again."""
+        try:
+            body = msgspec.json.decode(req.body) if req.body else None
+        except msgspec.DecodeError:
+            body = None
+        if not isinstance(body, dict) or set(body) != {"cert_file"} or \
+                not isinstance(body["cert_file"], str):
+            return _error(400, "body must be JSON: {\"cert_file\": \"/path/of/the.crt\"}")
+        rollback = getattr(self.provider, "tls_rollback", None)
+        if rollback is None:
+            return _error(404, "TLS is not enabled")
+        try:
+            result = await rollback(body["cert_file"])
+        except LookupError as e:
+            return _error(404, str(e.args[0]) if e.args else "not found")
+        except ValueError as e:
+            return _error(409, str(e))
         return _json_response(200, result)
 
 

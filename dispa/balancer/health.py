@@ -18,6 +18,7 @@ import logging
 import time
 from typing import Callable
 
+from dispa.tls.upstream import upstream_tls
 from dispa.config.snapshot import ClusterSpec, EndpointSpec, HealthCheckSpec
 
 log = logging.getLogger("dispa.health")
@@ -60,15 +61,21 @@ def status_ok(status: int, spec: HealthCheckSpec) -> bool:
     return 200 <= status < 400
 
 
-async def probe(endpoint: EndpointSpec, spec: HealthCheckSpec) -> tuple[bool, str]:
-    """One HTTP probe; returns (ok, detail)."""
+async def probe(endpoint: EndpointSpec, spec: HealthCheckSpec, tls=None) -> tuple[bool, str]:
+    """One HTTP probe; returns (ok, detail). ``tls``: an https:// endpoint's
+    ``dispa.tls.upstream.UpstreamTls`` (the probe then speaks TLS, as the pool does)."""
     host = spec.host or f"{endpoint.host}:{endpoint.port}"
     req = (f"GET {spec.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: dispa-health-check\r\n"
            "Connection: close\r\n\r\n").encode("latin-1")
     writer = None
     try:
         async with asyncio.timeout(spec.timeout_seconds):
-            reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+            if tls is None:
+                reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+            else:
+                reader, writer = await asyncio.open_connection(
+                    endpoint.host, endpoint.port, ssl=tls.context,
+                    server_hostname=tls.server_name)
             writer.write(req)
             line = await reader.readline()
         parts = line.split(b" ", 2)
@@ -89,11 +96,45 @@ async def probe(endpoint: EndpointSpec, spec: HealthCheckSpec) -> tuple[bool, st
             writer.close()
 
 
+async def tcp_probe(endpoint: EndpointSpec, spec: HealthCheckSpec) -> tuple[bool, str]:
+    """One TCP connect check (the endpoints of L4 target groups, docs/l4.md): healthy when
+    a connection is accepted within ``timeout_seconds``; closed at once, nothing sent."""
+    try:
+        async with asyncio.timeout(spec.timeout_seconds):
+            _, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        writer.close()
+        return True, "connected"
+    except TimeoutError:
+        return False, "timeout"
+    except OSError as exc:
+        return False, exc.strerror or str(exc)
+
+
+async def _grpc_check(endpoint: EndpointSpec, spec: HealthCheckSpec,
+                      tls: dict | None) -> tuple[bool, str]:
+    """grpc.health.v1 Check over h2c, or h2 with ALPN for an https:// endpoint."""
+    from types import SimpleNamespace
+
+    from dispa.protocols.http2.grpc_health import grpc_probe, h2_client_context
+    up = (tls or {}).get("upstream")
+    ctx = None
+    if up and endpoint.id in up.get("endpoints", ()):
+        up = (up.get("per_endpoint") or {}).get(endpoint.id) or up
+        ctx = SimpleNamespace(context=h2_client_context(up),
+                              server_name=up.get("server_name") or endpoint.host)
+    return await grpc_probe(endpoint, spec, ctx)
+
+
 class HealthChecker:
     """Runs the probes and calls ``on_change({"cluster/endpoint": healthy})`` on flips."""
 
     def __init__(self, on_change: Callable[[dict[str, bool]], None]):
         self.on_change = on_change
+        self.tls = None  # Snapshot.tls: which endpoints are https:// (set by the master)
+        # clusters probed with a TCP connect instead of HTTP: L4 target groups (the master)
+        self.tcp_clusters: frozenset[str] = frozenset()
+        # clusters probed with grpc.health.v1 over HTTP/2: upstream h2/h2c groups (the master)
+        self.grpc_clusters: frozenset[str] = frozenset()
         self.states: dict[str, HealthState] = {}
         self.details: dict[str, dict] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -146,7 +187,13 @@ class HealthChecker:
             endpoint, spec = self._specs[key]
             self._last_probe[key] = time.monotonic()
             self._wake[key].clear()  # a passive wake-up during this probe is kept
-            ok, detail = await probe(endpoint, spec)
+            if key.partition("/")[0] in self.tcp_clusters:
+                ok, detail = await tcp_probe(endpoint, spec)
+            elif key.partition("/")[0] in self.grpc_clusters:
+                ok, detail = await _grpc_check(endpoint, spec, self.tls)
+            else:
+                ok, detail = await probe(endpoint, spec, upstream_tls(self.tls, endpoint.id,
+                                                                      endpoint.host))
             st = self.states.get(key)
             if st is None:
                 return

@@ -25,6 +25,8 @@ import ipaddress
 import msgspec
 
 from dispa.config import model as m
+from dispa.config.logging_model import (
+    compile_access_log, compile_redaction, compile_traffic_log)
 from dispa.config.load import (
     endpoint_id, parse_host_port, parse_upstream_url, split_domains, _Context,
 )
@@ -63,8 +65,39 @@ def compile_config(config: m.Config, *,
         default_cluster=DEFAULT_CLUSTER,
         pipeline=compile_pipeline(config),
         observability=compile_observability(config),
+        tls=compile_tls_part(config, clusters),
+        **_stream_parts(config),
+        http2=_http2_part(config),
     )
     return compile_static(config, workers_override), snapshot
+
+
+def _http2_part(config: m.Config):
+    """``Snapshot.http2`` (config/http2_model.py); None when HTTP/2 is off."""
+    from dispa.config.http2_model import compile_http2
+    return compile_http2(config.http2)
+
+
+def _stream_parts(config: m.Config) -> dict:
+    """``Snapshot.websocket`` and ``Snapshot.l4`` (config/stream_model.py)."""
+    from dispa.config.stream_model import compile_l4, compile_websocket
+    return {"websocket": compile_websocket(config.websocket),
+            "l4": compile_l4(config.l4, lambda a: _address(parse_host_port(a)))}
+
+
+def compile_tls_part(config: m.Config, clusters: list[ClusterSpec]):
+    """``Snapshot.tls`` settings (dispa/tls/config.py); the master's certificate store adds
+    the certificates. None without a TLS listener or an https:// target."""
+    from dispa.config.load import is_https_url
+    from dispa.tls.config import compile_tls
+    tables = [config.cluster, *config.target_groups]
+    https = {endpoint_id(*_address(parse_upstream_url(e.url)))
+             for t in tables for e in t.endpoints if is_https_url(e.url)}
+    # [targets.tls] / [target_groups.tls]: these endpoints' own upstream TLS settings
+    per_endpoint = {endpoint_id(*_address(parse_upstream_url(e.url))): t.tls
+                    for t in tables if getattr(t, "tls", None) is not None
+                    for e in t.endpoints if is_https_url(e.url)}
+    return compile_tls(config.tls, sorted(https), per_endpoint)
 
 
 def routing_targets(routing) -> list[str]:
@@ -91,6 +124,7 @@ def compile_pipeline(config: m.Config) -> PipelineSpec:
                        is_global=p.global_, timeout_seconds=float(p.timeout),
                        config=p.config)
             for p in plugins_cfg.plugins if p.enabled)
+    plugins = _tracing_filters(config) + plugins
     routing = getattr(config, "routing", None)
     has_rules = routing is not None and (
         any(r.enabled for r in routing.rules) or routing.default_target)
@@ -127,9 +161,44 @@ def _custom_metrics_part(config: m.Config):
     return {"metrics": _plain(metrics)}
 
 
+def _histogram_buckets_part(config: m.Config):
+    from dispa.observability.custom_metrics import histogram_bounds
+    entries = config.monitoring.histogram_buckets
+    if not entries:
+        return None
+    return {e.metric: list(histogram_bounds(e.metric, e.buckets_ms)) for e in entries}
+
+
+def _tracing_part(config: m.Config):
+    """``[observability.tracing]`` as plain data (docs/tracing.md), None when off."""
+    obs = getattr(config, "observability", None)
+    if obs is None or not obs.tracing.enabled:
+        return None
+    from dispa.config.tracing_model import DEFAULT_ENDPOINTS, exporter_kind
+    data = msgspec.to_builtins(obs.tracing)
+    data["exporter"] = exporter_kind(obs.tracing.exporter)
+    data["endpoint"] = obs.tracing.endpoint or DEFAULT_ENDPOINTS[data["exporter"]]
+    return data
+
+
+def _tracing_filters(config: m.Config) -> tuple:
+    """The tracing filter (dispa/plugins/builtin/tracing.py), first in the global chain
+    when tracing is on: it reads and injects the propagation headers (phase 4)."""
+    part = _tracing_part(config)
+    if part is None or not set(part["propagators"]) & {"tracecontext", "b3", "b3multi"}:
+        return ()  # nothing to inject: the log-phase sink decides alone
+    return (PluginSpec(name="tracing@dispa", type="dispa.plugins.builtin.tracing:Tracing",
+                       config=part),)
+
+
 #: (key, function(config) -> plain data or None), one per log-phase feature.
 OBSERVABILITY_PARTS: list = [
     ("custom_metrics", _custom_metrics_part),
+    ("tracing", _tracing_part),              # config/tracing_model.py
+    ("histogram_buckets", _histogram_buckets_part),
+    ("access_log", compile_access_log),     # config/logging_model.py
+    ("traffic_log", compile_traffic_log),
+    ("redaction", compile_redaction),
 ]
 
 
@@ -147,8 +216,13 @@ def compile_static(config: m.Config, workers_override: int | None = None) -> Sta
         for admin_port in (mon.metrics_port, mon.health_check_port):
             if all(a.port != admin_port for a in admin):
                 admin.append(ListenerSpec(host=mon.bind_host, port=admin_port))
+    listeners = [ListenerSpec(host=host, port=port, backlog=server.backlog)]
+    if config.tls.enabled:  # the TLS listener (docs/tls.md); after the plain one
+        tls_host, tls_port = _address(parse_host_port(config.tls.bind_address))
+        listeners.append(ListenerSpec(host=tls_host, port=tls_port, backlog=server.backlog,
+                                      tls=True))
     return StaticSpec(
-        listeners=(ListenerSpec(host=host, port=port, backlog=server.backlog),),
+        listeners=tuple(listeners),
         workers=workers,
         admin_listeners=tuple(admin),
         shutdown_timeout_seconds=float(server.shutdown_timeout),
@@ -241,6 +315,7 @@ def compile_cluster(cluster: m.ClusterConfig, *, name: str = DEFAULT_CLUSTER,
         outlier=_plain(cluster.outlier_detection),
         retry_budget=_plain(cluster.retry_budget),
         sticky=_plain(cluster.sticky),
+        protocol=cluster.protocol,
     )
 
 

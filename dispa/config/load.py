@@ -86,11 +86,26 @@ class LoadedConfig:
     def as_dict(self) -> dict:
         """The effective configuration (defaults filled in, file spelling) for /admin/config.
 
-        Secrets are masked: the password of ``logging.database.url`` becomes ``***``.
+        Secrets are masked: the password of ``logging.database.url``, the Consul token,
+        the etcd password and ``logging.sanitization.hash_key`` become ``***``.
         The worker count is the one in use (``--workers`` wins over the file).
         """
         data = msgspec.to_builtins(self.model)
         data["logging"]["database"]["url"] = mask_url_password(data["logging"]["database"]["url"])
+        if data["logging"]["sanitization"]["hash_key"]:  # the redaction hash key
+            data["logging"]["sanitization"]["hash_key"] = "***"
+        discovery = data.get("service_discovery")
+        if discovery:  # registry credentials (docs/discovery.md)
+            for table, key in (("consul", "token"), ("etcd", "password")):
+                if discovery[table][key]:
+                    discovery[table][key] = "***"
+        acme = (data.get("tls") or {}).get("acme")
+        if acme:  # [tls.acme]: etcd password, TSIG secret, EAB key, webhook headers
+            from dispa.tls.acme_config import mask_secrets
+            mask_secrets(acme)
+        tracing = (data.get("observability") or {}).get("tracing") or {}
+        for name in tracing.get("headers") or {}:  # exporter credentials (docs/tracing.md)
+            tracing["headers"][name] = "***"
         if self.static.workers:
             data["server"]["workers"] = self.static.workers
         return data
@@ -761,9 +776,7 @@ def parse_upstream_url(url: str) -> tuple[str, int] | str:
     except ValueError as exc:
         return f"invalid URL: {exc}"
     scheme = parts.scheme.lower()
-    if scheme == "https":
-        return "https upstreams are not supported yet (TLS issue); use http://"
-    if scheme != "http":
+    if scheme not in ("http", "https"):
         return f"unsupported URL scheme {parts.scheme!r}; expected \"http://host:port\"" \
             if scheme else "expected \"http://host:port\""
     if parts.username is not None or parts.password is not None:
@@ -782,7 +795,12 @@ def parse_upstream_url(url: str) -> tuple[str, int] | str:
         host = normalized
     if port == 0:
         return "port 0 is not a valid upstream port"
-    return host, 80 if port is None else port
+    return host, (443 if scheme == "https" else 80) if port is None else port
+
+
+def is_https_url(url: str) -> bool:
+    """An ``https://`` upstream URL (the pool connects with TLS, see docs/tls.md)."""
+    return url.strip().lower().startswith("https://")
 
 
 def endpoint_id(host: str, port: int) -> str:
@@ -848,6 +866,10 @@ def _check(ctx: _Context) -> None:
         else:
             seen[group.name] = n
         _check_cluster(ctx, ("target_groups", n))
+    from dispa.tls.config import check_cluster_tls  # [targets.tls], [target_groups.tls]
+    check_cluster_tls([(p, ctx.built[p]) for p in [("targets",)] + [
+        ("target_groups", n) for n in range(len(groups) if isinstance(groups, list) else 0)]
+        if p in ctx.built], ctx.issue)
     plugins = ctx.built.get(("plugins",))
     if plugins is not None:
         from dispa.plugins.registry import check_plugins
@@ -872,6 +894,82 @@ def _check(ctx: _Context) -> None:
     monitoring = ctx.built.get(("monitoring",))
     if monitoring is not None:
         _check_monitoring(monitoring, server, ctx)
+    tls = ctx.built.get(("tls",))
+    if tls is not None:
+        _check_tls(tls, server, ctx)
+    _check_l4(ctx, server, tls, {"default"} | set(seen))
+    _check_http2(ctx, tls)
+
+
+def _check_http2(ctx: _Context, tls) -> None:
+    """ALPN ``h2`` needs ``[http2] enabled``; ``protocol = "h2"`` needs https:// targets and
+    ``"h2c"`` http:// ones (docs/http2.md)."""
+    http2 = ctx.built.get(("http2",))
+    if tls is not None and "h2" in getattr(tls, "alpn", ()) and \
+            (http2 is None or not http2.enabled):
+        ctx.issue('ALPN "h2" needs HTTP/2: set [http2] enabled = true', ("tls", "alpn"))
+    groups = ctx.raw_at(("target_groups",))
+    paths = [("targets",)] + [("target_groups", n)
+                              for n in range(len(groups) if isinstance(groups, list) else 0)]
+    for where in paths:
+        cluster = ctx.built.get(where)
+        proto = getattr(cluster, "protocol", "http1")
+        if proto == "http1":
+            continue
+        want = "https://" if proto == "h2" else "http://"
+        for n, e in enumerate(cluster.endpoints):
+            if not e.url.lower().startswith(want):
+                ctx.issue(f'protocol = "{proto}" needs {want} target URLs',
+                          where + ("targets", n, "url"))
+
+
+def _check_l4(ctx: _Context, server, tls, groups: set[str]) -> None:
+    """``[[l4.listeners]]`` (config/stream_model.py): names, addresses, target groups."""
+    l4 = ctx.built.get(("l4",))
+    if l4 is None or not l4.listeners:
+        return
+    from dispa.config.stream_model import check_l4
+    binds = {}
+    for what, owner in (("server.bind_address", server),
+                        ("tls.bind_address", tls if getattr(tls, "enabled", False) else None)):
+        parsed = parse_host_port(owner.bind_address) if owner is not None else ""
+        if not isinstance(parsed, str):
+            binds[f"{parsed[0]}:{parsed[1]}"] = what
+    check_l4(l4, groups=groups, binds=binds, parse_host_port=parse_host_port, issue=ctx.issue)
+
+
+def _check_tls(tls, server: m.ServerConfig | None, ctx: _Context) -> None:
+    from dispa.tls.config import check_tls
+    http = parse_host_port(server.bind_address) if server is not None else None
+    check_tls(tls, ctx.issue, None if isinstance(http, str) else http)
+    _check_discovery(ctx)
+    observability = ctx.built.get(("observability",))
+    if observability is not None:
+        from dispa.config.tracing_model import check_tracing
+        check_tracing(observability, ctx.issue)
+    logging_cfg = ctx.built.get(("logging",))
+    if logging_cfg is not None:
+        from dispa.config.logging_model import check_logging
+        check_logging(logging_cfg, ctx.issue)
+    tls = ctx.built.get(("tls",))
+    if getattr(tls, "acme", None) is not None:
+        from dispa.tls.acme_config import check as check_acme
+        check_acme(tls.acme, lambda msg, path: ctx.issue(msg, ("tls", "acme") + path),
+                   tls_enabled=tls.enabled)
+
+
+def _check_discovery(ctx: _Context) -> None:
+    """Service discovery sources against ``[service_discovery]`` (docs/discovery.md)."""
+    from dispa.discovery.config import check_discovery
+    paths = [("targets", "discovery")]
+    groups = ctx.raw_at(("target_groups",))
+    paths += [("target_groups", n, "discovery")
+              for n in range(len(groups) if isinstance(groups, list) else 0)]
+    sources = [(p, ctx.built[p]) for p in paths if p in ctx.built]
+    settings = ctx.built.get(("service_discovery",))
+    if ctx.raw_at(("service_discovery",)) is not None and settings is None:
+        return  # the table did not build: already reported
+    check_discovery(settings, sources, ctx.issue)
 
 
 def _check_geo(geo, groups: set[str], ctx: _Context) -> None:
@@ -899,7 +997,7 @@ def _check_cluster(ctx: _Context, where: Path = ("targets",)) -> None:
     top = ctx.raw_at(where)
     raw = ctx.raw_at(where + ("targets",))
     if isinstance(ctx.raw, dict) and (top is None or isinstance(top, dict)) and (
-            raw is None or raw == []):
+            raw is None or raw == []) and ctx.raw_at(where + ("discovery",)) is None:
         table = format_path(where)
         ctx.issue(f"at least one upstream is required: add a [[{table}.targets]] table "
                   "with name and url", where + ("targets",))
@@ -938,6 +1036,8 @@ def _check_cluster(ctx: _Context, where: Path = ("targets",)) -> None:
 def _check_monitoring(mon: m.MonitoringConfig, server: m.ServerConfig | None,
                       ctx: _Context) -> None:
     where = ("monitoring",)
+    from dispa.observability.custom_metrics import check_monitoring_metrics
+    check_monitoring_metrics(mon, ctx.issue)
     if not mon.enabled or server is None:
         return
     address = parse_host_port(server.bind_address)

@@ -36,6 +36,8 @@ from dispa.balancer.breaker import BreakerConfig, GroupBreakerConfig
 from dispa.balancer.outlier import OutlierConfig
 from dispa.balancer.retry_budget import RetryBudgetConfig
 from dispa.balancer.sticky import StickyConfig
+from dispa.discovery.config import DiscoverySource, ServiceDiscoveryConfig
+from dispa.config.logging_model import AccessLogConfig, SanitizationConfig
 
 # Shared value types. Durations are seconds (int or float); the upper bound only catches
 # typos such as a value in milliseconds.
@@ -192,6 +194,13 @@ class ClusterConfig(_Table):
     # Sticky sessions by signed cookie, client IP or header (sticky_sessions = true in
     # [targets.load_balancing] is the original client-IP affinity).
     sticky: Optional[StickyConfig] = None
+    # Endpoints from a registry (docs/discovery.md); the static targets are then optional.
+    discovery: Optional[DiscoverySource] = None
+    # How Dispa talks to these endpoints: HTTP/1.1, or HTTP/2 (h2c cleartext, h2 over
+    # TLS) for gRPC and other h2-only backends (docs/http2.md).
+    protocol: Literal["http1", "h2c", "h2"] = "http1"
+    # TLS to this cluster's https:// endpoints instead of [tls.upstream] (docs/tls.md)
+    tls: Optional[UpstreamTlsConfig] = None
 
 
 class TargetGroupConfig(ClusterConfig, kw_only=True):
@@ -239,6 +248,11 @@ class DatabaseLogConfig(_Table):
     url: str = "sqlite://./data/traffic.db"
     max_connections: PositiveInt = 10
     connection_timeout: Seconds = 30.0
+    # batching and back-pressure of the traffic log writers (docs/logging.md)
+    table: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")] = "traffic_log"
+    batch_size: Annotated[int, Meta(ge=1, le=100_000)] = 500
+    queue_size: Annotated[int, Meta(ge=1, le=10_000_000)] = 100_000
+    flush_interval: Annotated[float, Meta(gt=0, le=60)] = 0.5
 
 
 class FileLogConfig(_Table):
@@ -247,6 +261,9 @@ class FileLogConfig(_Table):
     directory: Annotated[str, Meta(min_length=1)] = "./logs"
     max_file_size: Annotated[int, Meta(ge=1024)] = 100_000_000
     rotation: bool = True
+    rotate_interval: Literal["none", "hourly", "daily"] = "daily"  # with rotation = true
+    compression: Literal["none", "gzip", "zstd"] = "gzip"  # of rotated files
+    traffic_file: Annotated[str, Meta(min_length=1)] = "traffic.log"  # JSON lines
 
 
 class LoggingConfig(_Table):
@@ -259,9 +276,47 @@ class LoggingConfig(_Table):
     format: Literal["json", "logfmt", "text"] = "json"
     database: DatabaseLogConfig = DatabaseLogConfig()
     file: FileLogConfig = FileLogConfig()
+    access_log: AccessLogConfig = AccessLogConfig()  # config/logging_model.py
+    sanitization: SanitizationConfig = SanitizationConfig()
 
 
 # ---------------------------------------------------------------- [monitoring]
+
+class HistogramBucketsConfig(_Table):
+    """One ``[[monitoring.histogram_buckets]]`` entry (original): bounds for one histogram,
+    always written in milliseconds (divided by 1000 for a ``*_seconds`` metric)."""
+
+    metric: Annotated[str, Meta(min_length=1, pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")]
+    buckets_ms: Annotated[list[Annotated[float, Meta(gt=0)]], Meta(min_length=1, max_length=64)]
+
+
+MetricLabel = Annotated[str, Meta(min_length=1, pattern=(
+    r"^[a-zA-Z_][a-zA-Z0-9_]*(=(method|status|status_class|domain|host|route|cluster|endpoint"
+    r"|scheme|client_ip|(header|query|cookie):[!#$%&'*+.^_`|~0-9A-Za-z-]+))?$"))]
+
+
+class CustomMetricConfig(_Table):
+    """One ``[[monitoring.custom_metrics]]`` entry (original keys name, type, labels): a
+    business metric filled from every request's attributes."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=128,
+                              pattern=r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")]
+    type: Literal["counter", "histogram"] = "counter"
+    help: str = ""
+    # "name" (an attribute of that name) or "name=source", source one of method, status,
+    # status_class, domain, host, route, cluster, endpoint, scheme, client_ip,
+    # header:<name>, query:<arg>, cookie:<name>
+    labels: list[MetricLabel] = msgspec.field(default_factory=list)
+    # what is counted / observed: requests (counter: +1), duration / upstream_duration
+    # (seconds), bytes_in / bytes_out
+    value: Literal["requests", "duration", "upstream_duration", "bytes_in",
+                   "bytes_out"] = "requests"
+    buckets_ms: list[Annotated[float, Meta(gt=0)]] = msgspec.field(default_factory=list)
+    # only requests whose status is in these classes ("2xx".."5xx") or codes; empty: all
+    statuses: list[Annotated[str, Meta(pattern=r"^([1-5]xx|[1-5][0-9][0-9])$")]] = \
+        msgspec.field(default_factory=list)
+    max_series: Annotated[int, Meta(ge=1, le=100000)] = 1000  # per worker; then "_other"
+
 
 class MonitoringConfig(_Table):
     """``[monitoring]``: the admin listeners (/health, /metrics, /admin/*) of the master."""
@@ -270,12 +325,18 @@ class MonitoringConfig(_Table):
     metrics_port: Port = 9090
     health_check_port: Port = 8081
     bind_host: Annotated[str, Meta(min_length=1)] = "127.0.0.1"
+    histogram_buckets: list[HistogramBucketsConfig] = msgspec.field(default_factory=list)
+    custom_metrics: list[CustomMetricConfig] = msgspec.field(default_factory=list)
 
 
 # ---------------------------------------------------------------- top level
 
 from dispa.config.routing_model import RoutingConfig  # noqa: E402 - needs _Table above
 from dispa.balancer.geo import GeoRouterConfig  # noqa: E402
+from dispa.tls.config import TlsConfig, UpstreamTlsConfig  # noqa: E402
+from dispa.config.tracing_model import ObservabilityConfig  # noqa: E402
+from dispa.config.stream_model import L4Config, WebSocketConfig  # noqa: E402
+from dispa.config.http2_model import Http2Config  # noqa: E402
 
 class Config(_Table):
     """The whole file."""
@@ -289,3 +350,9 @@ class Config(_Table):
     geo: Optional[GeoRouterConfig] = None
     logging: LoggingConfig = LoggingConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
+    tls: TlsConfig = TlsConfig()  # [tls]: termination, SNI, mTLS, upstream TLS (docs/tls.md)
+    service_discovery: Optional[ServiceDiscoveryConfig] = None  # docs/discovery.md
+    observability: ObservabilityConfig = ObservabilityConfig()  # docs/tracing.md
+    websocket: WebSocketConfig = WebSocketConfig()  # docs/websocket.md
+    l4: L4Config = L4Config()  # [[l4.listeners]]: TCP/UDP proxying (docs/l4.md)
+    http2: Http2Config = Http2Config()  # [http2]: HTTP/2 to clients (docs/http2.md)

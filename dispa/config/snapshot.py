@@ -84,6 +84,7 @@ class ClusterSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     outlier: Any = None
     retry_budget: Any = None
     sticky: Any = None  # balancer.sticky.StickyConfig as plain data
+    protocol: str = "http1"  # http1 | h2c | h2 (upstream HTTP/2: proxy/h2_pool.py)
 
 
 class InterceptSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -132,6 +133,7 @@ class ListenerSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host: str
     port: int
     backlog: int = 1024
+    tls: bool = False  # a TLS listener: certificates and settings in Snapshot.tls
 
 
 class StaticSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -183,6 +185,12 @@ class Snapshot(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Log-phase features as plain data (access_log, traffic_log, tracing, redaction,
     # custom_metrics, ...; see dispa/observability); None: all off.
     observability: Any = None
+    # [websocket] limits and timeouts as plain data (proxy/websocket.py); None: defaults.
+    websocket: Any = None
+    # [[l4.listeners]] as plain data (dispa/l4); None: no TCP/UDP listener.
+    l4: Any = None
+    # [http2] settings and abuse limits as plain data (protocols/http2); None: HTTP/2 off.
+    http2: Any = None
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -47,7 +47,8 @@ class L4ListenerConfig(_Table):
     bind_address: Annotated[str, Meta(min_length=1)]  # "host:port"; IPv6 as "[::1]:9000"
     target_group: Annotated[str, Meta(min_length=1)]  # a [[target_groups]] name or "default"
     protocol: Literal["tcp", "udp"] = "tcp"
-    # PROXY protocol header sent to the upstream first (TCP only)
+    # PROXY protocol header sent to the upstream first (TCP: v1 or v2; UDP: v2, on every
+    # datagram)
     proxy_protocol_send: Literal["none", "v1", "v2"] = "none"
     # expect a PROXY protocol v1/v2 header from the downstream (TCP only); only from peers
     # in trusted_proxies, others are refused
@@ -93,10 +94,12 @@ def check_l4(l4: L4Config, *, groups: set[str], binds: dict[str, str],
             issue(f"unknown target group {lst.target_group!r} (known: "
                   f"{', '.join(sorted(groups))})", where + ("target_group",))
         if lst.protocol == "udp":
-            if lst.proxy_protocol_send != "none":
-                issue("PROXY protocol is TCP only", where + ("proxy_protocol_send",))
+            if lst.proxy_protocol_send == "v1":
+                issue("PROXY protocol v1 is TCP only (UDP listeners can send v2)",
+                      where + ("proxy_protocol_send",))
             if lst.proxy_protocol_accept:
-                issue("PROXY protocol is TCP only", where + ("proxy_protocol_accept",))
+                issue("accepting the PROXY protocol is TCP only",
+                      where + ("proxy_protocol_accept",))
         if lst.trusted_proxies and not lst.proxy_protocol_accept:
             issue("trusted_proxies needs proxy_protocol_accept = true",
                   where + ("trusted_proxies",))

@@ -49,6 +49,8 @@ NonNegativeSeconds = Annotated[float, Meta(ge=0, le=MAX_SECONDS,
 Port = Annotated[int, Meta(ge=0, le=65535)]
 ProviderKind = Literal["consul", "etcd", "kubernetes", "dns"]
 PROVIDER_KINDS: tuple[str, ...] = ("consul", "etcd", "kubernetes", "dns")
+#: Kinds without self-registration (a DNS zone or the Kubernetes API is not written by Dispa).
+UNREGISTRABLE: tuple[str, ...] = ("kubernetes", "dns")
 
 
 # ---------------------------------------------------------------- provider options
@@ -206,6 +208,12 @@ def check_discovery(settings: Optional[ServiceDiscoveryConfig],
               sd + ("consul_address",))
     if bool(settings.etcd.cert_file) != bool(settings.etcd.key_file):
         issue("cert_file and key_file go together", sd + ("etcd", "cert_file"))
+    register = settings.register
+    if register is not None and (register.provider or settings.provider) in UNREGISTRABLE:
+        kind = register.provider or settings.provider
+        # refused here rather than logged at run time: the operator asked to be announced
+        issue(f"the {kind} provider cannot register this node (consul and etcd can)",
+              sd + ("register", "provider") if register.provider else sd + ("provider",))
 
 
 def _resolver_address(text: str) -> Optional[tuple[str, int]]:

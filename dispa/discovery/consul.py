@@ -43,7 +43,8 @@ right after an agent restart whose indexes start over) and retries after an expo
 Dynamic configuration: with ``[service_discovery.consul] kv_prefix`` set, one more loop
 watches ``GET /v1/kv/<prefix>?recurse`` the same way. The latest map (key below the
 prefix -> UTF-8 value, decoded from base64) is :attr:`ConsulProvider.kv`; ``on_kv`` (a
-callable, optional) is called with a copy after every change, and ``status()`` reports it.
+callable, optional) is called with a copy after every change, and ``status()`` reports its
+keys with the size and a digest of each value (never the values: they may be secrets).
 Dispa itself only reports it today (docs/discovery-consul.md).
 
 Self-registration: ``register(instance)`` sends ``PUT /v1/agent/service/register`` with a
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import inspect
 import logging
 import os
@@ -73,7 +75,7 @@ from dispa.discovery.provider import (
     Backoff, DiscoveredEndpoint, Emit, EndpointSet, Instance, Provider,
 )
 
-__all__ = ["ConsulProvider", "ConsulError", "go_duration"]
+__all__ = ["ConsulProvider", "ConsulError", "go_duration", "kv_digest"]
 
 log = logging.getLogger("dispa.discovery.consul")
 
@@ -85,8 +87,6 @@ MIN_INTERVAL = 0.05
 MIN_UNCHANGED_INTERVAL = 1.0
 #: Timeout of a non-blocking request (a blocking one gets wait + wait/16 + this).
 REQUEST_TIMEOUT = 10.0
-#: What ``status()`` shows of a KV value.
-KV_STATUS_MAX_CHARS = 256
 
 
 class ConsulError(Exception):
@@ -196,8 +196,9 @@ class ConsulProvider(Provider):
     async def _request(self, method: str, path: str, params: list[tuple[str, str]],
                        timeout: float, body: Any = None) -> tuple[int, int, Any]:
         """(status, X-Consul-Index or 0, JSON body or None). Raises ConsulError on a status
-        other than 200 and 404 (the caller decides what a 404 means), aiohttp/asyncio
-        errors on transport trouble, ValueError on a malformed answer."""
+        other than 200 and 404 (the caller decides what a 404 means) and on an answer that
+        ACLs filtered (``X-Consul-Results-Filtered-By-ACLs``), aiohttp/asyncio errors on
+        transport trouble, ValueError on a malformed answer."""
         url = self.address + path
         if params:
             # a flag (``passing``, ``recurse``) goes bare, as the Consul docs write it
@@ -211,6 +212,12 @@ class ConsulProvider(Provider):
             raw = await r.read()
             if r.status not in (200, 404):
                 raise ConsulError(r.status, raw.decode("utf-8", "replace"))
+            if r.headers.get("X-Consul-Results-Filtered-By-ACLs", "").lower() == "true":
+                # the token may not read some of what was asked: the answer is a partial
+                # (often empty) set, not the registry's; never let it empty a cluster
+                raise ConsulError(403, "results filtered by ACLs: the token lacks read "
+                                       "access (service:read, node:read or key:read) to "
+                                       "part of the answer")
             index_text = r.headers.get("X-Consul-Index", "")
             index = int(index_text) if index_text.strip().isdigit() else 0
             data = None
@@ -480,14 +487,23 @@ class ConsulProvider(Provider):
                         "error": w.error}
             for w in self.watches.values()}
         if self.kv_prefix:
+            # keys with the size and a digest of each value, never the value: a config
+            # prefix may hold credentials, and /admin/status is read by many
             out["kv"] = {"prefix": self.kv_prefix, "index": self.kv_index,
                          "loaded": self.kv_loaded, "error": self._kv_error,
-                         "values": {k: v[:KV_STATUS_MAX_CHARS] for k, v in self.kv.items()}}
+                         "keys": {k: kv_digest(v) for k, v in sorted(self.kv.items())}}
         if self._instance is not None:
             out["registration"] = {"id": self._instance.id, "check": f"service:{self._instance.id}",
                                    "passes": self.check_passes, "errors": self.check_errors,
                                    "last_pass": self.last_pass}
         return out
+
+
+def kv_digest(value: str) -> dict:
+    """What /admin/status shows of a KV value: its size and a SHA-256 prefix (enough to see
+    that it changed, or to compare it with ``consul kv get <key> | sha256sum``)."""
+    raw = value.encode("utf-8")
+    return {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()[:16]}
 
 
 def _sorted(endpoints: list) -> tuple[DiscoveredEndpoint, ...]:

@@ -93,6 +93,17 @@ class DnsCache:
         self.negative_ttl = float(negative_ttl)
         self.clock = clock
         self._entries: dict[tuple[str, str], _Entry] = {}
+        # Expired entries go on the next ``get`` of their name; names nobody asks for any
+        # more (SRV targets that left the zone) are pruned when the cache has grown to
+        # twice its size after the last prune, so it stays bounded by the live names.
+        self._prune_at = 64
+
+    def _store(self, key: tuple[str, str], entry: _Entry) -> None:
+        self._entries[key] = entry
+        if len(self._entries) >= self._prune_at:
+            now = self.clock()
+            self._entries = {k: e for k, e in self._entries.items() if e.expires > now}
+            self._prune_at = max(64, 2 * len(self._entries))
 
     def clamp(self, ttl: float) -> float:
         return min(self.max_ttl, max(self.min_ttl, float(ttl)))
@@ -100,13 +111,13 @@ class DnsCache:
     def put(self, name: str, rdtype: str, values: tuple, ttl: float) -> float:
         """Store a positive answer; returns its expiry time."""
         expires = self.clock() + self.clamp(ttl)
-        self._entries[(name, rdtype)] = _Entry(tuple(values), expires, False)
+        self._store((name, rdtype), _Entry(tuple(values), expires, False))
         return expires
 
     def put_negative(self, name: str, rdtype: str) -> float:
         """Store NXDOMAIN/NODATA; returns its expiry time."""
         expires = self.clock() + self.negative_ttl
-        self._entries[(name, rdtype)] = _Entry((), expires, True)
+        self._store((name, rdtype), _Entry((), expires, True))
         return expires
 
     def get(self, name: str, rdtype: str) -> Optional[tuple[tuple, float]]:

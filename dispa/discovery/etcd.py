@@ -57,6 +57,9 @@ __all__ = ["EtcdError", "EtcdProvider", "normalise_prefix", "parse_instance", "p
 #: etcd refuses leases shorter than its minimum TTL (1.5 x the election timeout, 2 s with
 #: the defaults); ask for at least this much.
 MIN_LEASE_TTL = 2
+#: A watch response line longer than this is a broken stream (etcd's own request limit is
+#: 1.5 MiB; a response batches events, so allow more), not a message to buffer forever.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 class EtcdError(Exception):
@@ -322,7 +325,9 @@ class EtcdProvider(Provider):
             self.health.reconnects += 1
             log.info("etcd: %s resynced at revision %d", watch.service, watch.revision)
         backoff.reset()
-        self.health.ok()
+        # one provider state for every prefix: ok only when none of them is failing
+        if not any(w.failing for w in self._watches.values()):
+            self.health.ok()
 
     # ------------------------------------------------------------------ discovery
     async def run(self, emit: Emit) -> None:
@@ -397,6 +402,9 @@ class EtcdProvider(Provider):
                 try:
                     async for chunk in resp.content.iter_any():
                         buffer += chunk
+                        if len(buffer) > MAX_MESSAGE_BYTES and b"\n" not in buffer:
+                            raise ValueError(f"watch {url}: a message over "
+                                             f"{MAX_MESSAGE_BYTES} bytes")
                         while True:
                             line, sep, rest = buffer.partition(b"\n")
                             if not sep:

@@ -437,13 +437,20 @@ class Reflector:
     def __init__(self, client: ApiClient, path: str, *, label_selector: str = "",
                  field_selector: str = "", on_change: OnChange = lambda: None,
                  health: Optional[ProviderHealth] = None, watch_timeout: float = 30.0,
-                 not_found_raises: bool = False, backoff: Optional[Backoff] = None):
+                 not_found_raises: bool = False, backoff: Optional[Backoff] = None,
+                 peers: Optional[list] = None):
         self.client = client
         self.path = path
         self.params = {k: v for k, v in (("labelSelector", label_selector),
                                          ("fieldSelector", field_selector)) if v}
         self.on_change = on_change
         self.health = health if health is not None else ProviderHealth()
+        # Reflectors sharing ``health`` (one per service of a provider): the shared state
+        # turns ok only when none of them is failing, so that one service that keeps
+        # failing (RBAC on its namespace, say) is not hidden by another one's success.
+        self.peers = peers if peers is not None else []
+        self.peers.append(self)
+        self.failing = False
         self.watch_timeout = max(1, int(watch_timeout))
         self.not_found_raises = not_found_raises
         self.backoff = backoff or Backoff()
@@ -490,7 +497,13 @@ class Reflector:
                 # resourceVersion; CancelledError is not an Exception and ends it)
                 await self._failed(exc)
 
+    def _healthy(self) -> None:
+        self.failing = False
+        if not any(p.failing for p in self.peers):
+            self.health.ok()
+
     async def _failed(self, exc: BaseException) -> None:
+        self.failing = True
         self.failures += 1
         self.refused = isinstance(exc, ApiError) and exc.code in (401, 403, 404)
         self.health.failed(f"{self.path}: {type(exc).__name__}: {exc}".rstrip(": "))
@@ -511,7 +524,7 @@ class Reflector:
         self.lists += 1
         self._recovered()
         self.synced = True
-        self.health.ok()
+        self._healthy()
         self.backoff.reset()
         await _maybe_await(self.on_change())
 
@@ -524,7 +537,7 @@ class Reflector:
     def _opened(self) -> None:
         self._recovered()
         self.watches += 1
-        self.health.ok()
+        self._healthy()
         self.backoff.reset()
 
     async def _watch(self) -> None:
@@ -750,6 +763,7 @@ class KubernetesProvider(Provider):
         self.client: Optional[ApiClient] = None
         self._states: dict[str, _Source] = {}
         self._side: dict[str, Reflector] = {}  # configmap/secret watches, for status
+        self._peers: list[Reflector] = []  # the reflectors that share self.health
 
     # ------------------------------------------------------------ client
     def _namespace(self) -> str:
@@ -779,6 +793,7 @@ class KubernetesProvider(Provider):
     # ------------------------------------------------------------ run
     async def run(self, emit: Emit) -> None:
         client = await self._client()
+        self._peers.clear()  # a restarted run (after a crash) builds new reflectors
         tasks = [asyncio.ensure_future(self._run_source(client, s, emit)) for s in self.sources]
         try:
             await asyncio.gather(*tasks)
@@ -803,7 +818,8 @@ class KubernetesProvider(Provider):
         st.endpoints = Reflector(
             client, f"/apis/discovery.k8s.io/v1/namespaces/{st.namespace}/endpointslices",
             label_selector=selector, on_change=changed, health=self.health,
-            watch_timeout=self.watch_timeout, not_found_raises=True, backoff=self._backoff())
+            watch_timeout=self.watch_timeout, not_found_raises=True, backoff=self._backoff(),
+            peers=self._peers)
         svc_task = asyncio.ensure_future(st.svc.run())
         try:
             try:
@@ -811,13 +827,14 @@ class KubernetesProvider(Provider):
             except ApiError as exc:  # 404: no discovery.k8s.io API on this server
                 log.warning("%s: EndpointSlice API absent (%s); using core/v1 Endpoints",
                             st.service, exc)
+                self._peers.remove(st.endpoints)
                 st.mode = "endpoints"
                 st.endpoints = Reflector(
                     client, f"/api/v1/namespaces/{st.namespace}/endpoints",
                     label_selector=st.label_selector,
                     field_selector=f"metadata.name={st.name}", on_change=changed,
                     health=self.health, watch_timeout=self.watch_timeout,
-                    backoff=self._backoff())
+                    backoff=self._backoff(), peers=self._peers)
                 await st.endpoints.run()
         finally:
             svc_task.cancel()

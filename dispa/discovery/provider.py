@@ -75,9 +75,13 @@ class Instance(msgspec.Struct, frozen=True):
 class ProviderHealth:
     """A provider's own health, shown in /admin/status and as metrics.
 
-    ``state`` is ``"starting"`` until the first successful answer, ``"ok"`` after it, and
-    ``"stale"`` while the registry is unreachable (the last known good endpoints stay in
-    force). ``last_success`` is a wall-clock time (``time.time()``) or None.
+    ``state`` is ``"starting"`` until the first answer or the first error, ``"ok"`` while
+    the registry answers, and ``"stale"`` after an error until it answers again: what is in
+    force is not confirmed by the registry (the last known good endpoints, or the static
+    targets when it never answered: ``last_success`` is then None). A registry that never
+    answers is ``stale`` from its first failed attempt, not ``starting`` forever: an operator
+    watching the state must see the outage (docs/discovery.md). ``last_success`` is a
+    wall-clock time (``time.time()``) or None.
     """
 
     __slots__ = ("state", "last_success", "last_error", "errors", "reconnects")
@@ -97,8 +101,7 @@ class ProviderHealth:
     def failed(self, error: str) -> None:
         self.errors += 1
         self.last_error = error
-        if self.state != "starting" or self.last_success is not None:
-            self.state = "stale"
+        self.state = "stale"
 
     def staleness_seconds(self) -> float:
         """Seconds since the last successful answer (0 while healthy, inf if never)."""

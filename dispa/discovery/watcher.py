@@ -7,6 +7,8 @@ per kind in use (``registry.build_provider``) and runs each under a supervisor t
 it with exponential backoff if it ever raises or returns. Providers ``emit`` complete
 ``EndpointSet``s onto an ``asyncio.Queue``; the consumer
 
+0. **coalesces**: a set queued behind a newer one of the same service is replaced by it
+   (the queue holds at most one set per service, whatever the providers' rate);
 1. **dedupes**: a set whose endpoints equal the last one of the same ``(provider,
    service)`` changes nothing (its revision is still recorded for status);
 2. **throttles**: at most one publish per ``[service_discovery] throttle`` window; every
@@ -22,9 +24,11 @@ an answer ("no instances"): the cluster becomes empty and requests get 503. A re
 *error* never produces a set (the provider records it in its health and does not emit), so
 the last known good set stays in force; the provider's health turns ``stale``.
 
-A config reload calls :meth:`reconfigure` (providers whose settings or sources changed are
-restarted; the sets they had stay in force until they answer again) and merges the current
-sets into the new snapshot before it is applied.
+A config reload merges the current sets into the new snapshot with the new config's
+bindings (:meth:`merge_for`, which changes nothing) and, only once the reload has succeeded,
+calls :meth:`reconfigure` (providers whose settings or sources changed are restarted; the
+sets they had stay in force until they answer again). A reload refused at any step leaves
+the running providers, sources and sets as they were.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from dispa.discovery.config import (
 from dispa.discovery.provider import Backoff, DiscoveredEndpoint, EndpointSet, Instance, Provider
 from dispa.discovery.registry import build_provider, sources_by_kind
 
-__all__ = ["DiscoveryWatcher", "merge_snapshot", "endpoint_specs"]
+__all__ = ["DiscoveryWatcher", "bindings_for", "endpoint_specs", "merge_cluster",
+           "merge_snapshot"]
 
 log = logging.getLogger("dispa.discovery")
 
@@ -76,6 +81,31 @@ def endpoint_specs(endpoints: tuple[DiscoveredEndpoint, ...], source: DiscoveryS
     return tuple(out[k] for k in sorted(out))
 
 
+def bindings_for(settings: ServiceDiscoveryConfig, sources: dict[str, DiscoverySource],
+                 ) -> dict[str, tuple[Key, DiscoverySource]]:
+    """``{cluster: ((provider kind, service), source)}`` of a config's sources."""
+    return {cluster: ((source_kind(s, settings), s.service), s)
+            for cluster, s in sources.items()}
+
+
+def merge_cluster(cluster: ClusterSpec, bound: Optional[tuple[Key, DiscoverySource]],
+                  sets: dict[Key, EndpointSet]) -> ClusterSpec:
+    """One cluster of :func:`merge_snapshot`: ``cluster`` itself when nothing changes."""
+    found = sets.get(bound[0]) if bound is not None else None
+    if found is None:
+        return cluster
+    source = bound[1]
+    discovered = endpoint_specs(found.endpoints, source)
+    if source.keep_static:
+        static_ids = {e.id for e in cluster.endpoints}
+        endpoints = cluster.endpoints + tuple(e for e in discovered if e.id not in static_ids)
+    else:
+        endpoints = discovered
+    if endpoints == cluster.endpoints:
+        return cluster
+    return msgspec.structs.replace(cluster, endpoints=endpoints)
+
+
 def merge_snapshot(snapshot: Snapshot, bindings: dict[str, tuple[Key, DiscoverySource]],
                    sets: dict[Key, EndpointSet]) -> Snapshot:
     """``snapshot`` with the discovered endpoints in place (see the module docstring).
@@ -86,23 +116,9 @@ def merge_snapshot(snapshot: Snapshot, bindings: dict[str, tuple[Key, DiscoveryS
     clusters: list[ClusterSpec] = []
     changed = False
     for cluster in snapshot.clusters:
-        bound = bindings.get(cluster.name)
-        found = sets.get(bound[0]) if bound is not None else None
-        if found is None:
-            clusters.append(cluster)
-            continue
-        source = bound[1]
-        discovered = endpoint_specs(found.endpoints, source)
-        if source.keep_static:
-            static_ids = {e.id for e in cluster.endpoints}
-            endpoints = cluster.endpoints + tuple(e for e in discovered
-                                                  if e.id not in static_ids)
-        else:
-            endpoints = discovered
-        if endpoints != cluster.endpoints:
-            cluster = msgspec.structs.replace(cluster, endpoints=endpoints)
-            changed = True
-        clusters.append(cluster)
+        merged = merge_cluster(cluster, bindings.get(cluster.name), sets)
+        changed = changed or merged is not cluster
+        clusters.append(merged)
     if not changed:
         return snapshot
     fields = {f: getattr(snapshot, f) for f in snapshot.__struct_fields__ if f != "version"}
@@ -138,7 +154,13 @@ class DiscoveryWatcher:
         self.updates: dict[str, int] = {}  # accepted (changed) sets per provider
         self.duplicates = 0
         self.publishes = 0
-        self.queue: asyncio.Queue[EndpointSet] = asyncio.Queue()
+        # The queue carries keys; ``_inbox`` the newest set of each queued key. A provider
+        # that emits faster than the watcher publishes (a busy Kubernetes namespace while
+        # a worker is slow to ACK) replaces its queued set instead of piling up full sets:
+        # at most one set per service waits, whatever the rate.
+        self.queue: asyncio.Queue[Key] = asyncio.Queue()
+        self._inbox: dict[Key, EndpointSet] = {}
+        self.coalesced = 0  # sets replaced in the inbox by a newer one before being read
         self._consumer: Optional[asyncio.Task] = None
         self._dirty = False
         self._last_publish = -math.inf
@@ -146,15 +168,18 @@ class DiscoveryWatcher:
         self._started_at = time.time()
         self._register_task: Optional[asyncio.Task] = None
         self._registered: Optional[tuple[Provider, Instance]] = None
+        self._registration_wanted: Optional[tuple[Instance, str]] = None  # as configured
         self._own_register_provider: Optional[Provider] = None
         self._deferred_close: list[Provider] = []
+        # closes of stopped providers in flight: referenced so that they are not collected
+        # half-way (the loop keeps only weak references to tasks) and awaited at stop()
+        self._closing: set[asyncio.Task] = set()
         self._set_sources(sources)
 
     # ------------------------------------------------------------------ configuration
     def _set_sources(self, sources: dict[str, DiscoverySource]) -> None:
         self.sources = dict(sources)
-        self.bindings = {cluster: ((source_kind(s, self.settings), s.service), s)
-                         for cluster, s in self.sources.items()}
+        self.bindings = bindings_for(self.settings, self.sources)
 
     @property
     def wanted(self) -> set[Key]:
@@ -232,13 +257,17 @@ class DiscoveryWatcher:
             # it keeps the registration alive (TTL check, lease): close it at stop()
             self._deferred_close.append(provider)
         else:
-            asyncio.ensure_future(_quiet_close(provider))
+            task = asyncio.ensure_future(_quiet_close(provider))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def stop(self) -> None:
         """Stop the consumer and every provider (self-registration: see ``deregister``)."""
+        tasks = list(self._tasks.values())
         if self._register_task is not None:
             self._register_task.cancel()
-        tasks = list(self._tasks.values())
+            tasks.append(self._register_task)
+            self._register_task = None
         if self._consumer is not None:
             tasks.append(self._consumer)
         for t in tasks:
@@ -252,8 +281,9 @@ class DiscoveryWatcher:
         self._deferred_close = []
         self.providers.clear()
         self._inputs.clear()
+        closing = [_quiet_close(p) for p in providers] + list(self._closing)
         try:  # a registry that hangs must not hold up the shutdown
-            await asyncio.wait_for(asyncio.gather(*(_quiet_close(p) for p in providers)),
+            await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True),
                                    REGISTER_TIMEOUT_SECONDS)
         except asyncio.TimeoutError:
             log.warning("discovery: providers did not close within %.0fs",
@@ -281,8 +311,20 @@ class DiscoveryWatcher:
 
     # ------------------------------------------------------------------ the pipeline
     def emit(self, update: EndpointSet) -> None:
-        """What providers call: queue one set (never blocks, never raises)."""
-        self.queue.put_nowait(update)
+        """What providers call: queue one set (never blocks, never raises; a newer set of
+        the same service replaces one still queued)."""
+        try:
+            key = (update.provider, update.service)
+        except AttributeError:  # not an EndpointSet: let the consumer log and drop it
+            key = ("", repr(update))
+        if key in self._inbox:
+            self.coalesced += 1
+        else:
+            self.queue.put_nowait(key)
+        self._inbox[key] = update
+
+    def _take(self, key: Key):
+        return self._inbox.pop(key, None)
 
     def offer(self, update: EndpointSet) -> bool:
         """Dedupe step: record ``update``; True when it changes the endpoints in force."""
@@ -307,10 +349,10 @@ class DiscoveryWatcher:
     def _drain(self) -> None:
         while True:
             try:
-                update = self.queue.get_nowait()
+                key = self.queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            self._offer_safely(update)
+            self._offer_safely(self._take(key))
 
     def _offer_safely(self, update) -> None:
         try:
@@ -320,7 +362,7 @@ class DiscoveryWatcher:
 
     async def _consume(self) -> None:
         while True:
-            self._offer_safely(await self.queue.get())
+            self._offer_safely(self._take(await self.queue.get()))
             self._drain()
             if not self._dirty:
                 continue
@@ -348,16 +390,56 @@ class DiscoveryWatcher:
         """``snapshot`` (compiled from the file) with the current discovered sets."""
         return merge_snapshot(snapshot, self.bindings, self.sets)
 
+    def merge_for(self, settings: Optional[ServiceDiscoveryConfig],
+                  sources: dict[str, DiscoverySource], snapshot: Snapshot) -> Snapshot:
+        """``snapshot`` of a config *not yet in force* (a reload) with the current sets,
+        bound by that config's ``sources``. Changes nothing here: the master calls
+        :meth:`reconfigure` only once the reload has succeeded, so that a reload refused
+        late (a listener that cannot be bound, new workers that fail) leaves the running
+        providers and sets alone."""
+        return merge_snapshot(snapshot, bindings_for(settings or ServiceDiscoveryConfig(),
+                                                     sources), self.sets)
+
     # ------------------------------------------------------------------ self-registration
     def start_registration(self, instance: Instance, kind: str) -> None:
         """Register ``instance`` with the ``kind`` provider in the background, retrying
         with backoff until it succeeds."""
+        self._registration_wanted = (instance, kind)
         self._register_task = asyncio.ensure_future(self._register(instance, kind))
+
+    async def set_registration(self, instance: Optional[Instance], kind: str = "") -> None:
+        """Adopt a reloaded ``[service_discovery.register]`` (``instance`` None: the table
+        is gone). Unchanged: nothing happens (the registration and its TTL check or lease
+        carry on). Changed: the current registration is withdrawn, then the new one starts
+        in the background."""
+        wanted = None if instance is None else (instance, kind)
+        if wanted == self._registration_wanted:
+            return
+        await self.deregister()
+        self._registration_wanted = None
+        # providers kept only for the old registration (built for it, or stopped by a
+        # reconfigure while they held it) have nothing left to do
+        idle = self._deferred_close + ([self._own_register_provider]
+                                       if self._own_register_provider is not None else [])
+        self._deferred_close, self._own_register_provider = [], None
+        if idle:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(_quiet_close(p) for p in idle)),
+                                       REGISTER_TIMEOUT_SECONDS)
+            except asyncio.TimeoutError:
+                log.warning("discovery: a registration provider did not close in time")
+        if wanted is not None:
+            self.start_registration(instance, kind)
 
     async def _register(self, instance: Instance, kind: str) -> None:
         provider = self.providers.get(kind)
         if provider is None:
-            provider = self._own_register_provider = self.factory(kind, self.settings, [])
+            try:
+                provider = self._own_register_provider = self.factory(kind, self.settings, [])
+            except Exception as exc:  # nothing awaits this task: say it, do not raise
+                log.error("self-registration with %s cannot start: %s: %s", kind,
+                          type(exc).__name__, exc)
+                return
         backoff = Backoff()
         while True:
             try:
@@ -403,8 +485,17 @@ class DiscoveryWatcher:
         s = provider.health.staleness_seconds()
         return max(0.0, time.time() - self._started_at) if math.isinf(s) else s
 
-    def status(self) -> dict:
-        """For /admin/status ``discovery``."""
+    def status(self, in_force: Optional[Snapshot] = None,
+               file_snapshot: Optional[Snapshot] = None) -> dict:
+        """For /admin/status ``discovery``.
+
+        Per cluster, ``endpoints`` counts the endpoints of the snapshot *in force*
+        (``in_force``: the one the master published; a worker runs it once its
+        ``snapshot_version`` equals the status's ``snapshot_version``), ``discovered`` the
+        watcher's latest set, and ``pending`` says that the latest set is not in the
+        published snapshot yet (it rides on the next, throttled, publish). Without
+        ``in_force`` (tests), ``endpoints`` is None and ``pending`` is judged as unknown
+        (True when a set exists)."""
         providers = {}
         for kind, p in self.providers.items():
             try:
@@ -414,14 +505,28 @@ class DiscoveryWatcher:
             st["updates"] = self.updates.get(kind, 0)
             st["staleness_seconds"] = round(self.staleness(p), 3)
             providers[kind] = st
+        published = {c.name: c for c in in_force.clusters} if in_force is not None else {}
+        from_file = ({c.name: c for c in file_snapshot.clusters}
+                     if file_snapshot is not None else {})
         clusters = {}
         for cluster, (key, source) in sorted(self.bindings.items()):
             found = self.sets.get(key)
+            current = published.get(cluster)
+            base = from_file.get(cluster)
+            if found is None:
+                pending = False
+            elif current is None or base is None:
+                pending = True
+            else:  # what the next publish would send differs from what was sent
+                expected = merge_cluster(base, (key, source), self.sets)
+                pending = expected.endpoints != current.endpoints
             clusters[cluster] = {
                 "provider": key[0], "service": key[1],
                 "state": "waiting" if found is None else "discovered",
                 "revision": self.revisions.get(key),
-                "endpoints": None if found is None else len(found.endpoints),
+                "endpoints": None if current is None else len(current.endpoints),
+                "discovered": None if found is None else len(found.endpoints),
+                "pending": pending,
                 "keep_static": source.keep_static,
                 "updated_at": self.updated_at.get(key),
                 "provider_state": (self.providers[key[0]].health.state
@@ -432,7 +537,8 @@ class DiscoveryWatcher:
             registered = {"provider": self._registered[0].name,
                           **msgspec.to_builtins(self._registered[1])}
         return {"providers": providers, "clusters": clusters, "publishes": self.publishes,
-                "duplicates_dropped": self.duplicates, "registered": registered}
+                "duplicates_dropped": self.duplicates, "coalesced": self.coalesced,
+                "registered": registered}
 
     def gauges(self, snapshot: Snapshot) -> list[tuple]:
         """Metrics in the master's ``(name, help, labels, value)`` form."""

@@ -12,11 +12,17 @@ Metrics (counted on the listener objects, exported by one collector):
 ``dispa_l4_connections_total{listener}`` (accepted TCP connections / UDP sessions),
 ``dispa_l4_active_connections{listener}`` (gauge),
 ``dispa_l4_rejected_total{listener,reason}`` (``limit``, ``untrusted``, ``proxy_protocol``,
-``no_endpoint``), ``dispa_l4_bytes_total{listener,direction}`` (``in`` from clients,
+``no_endpoint``, ``breaker``), ``dispa_l4_bytes_total{listener,direction}`` (``in`` from clients,
 ``out`` to them), ``dispa_l4_datagrams_total{listener,direction}`` (UDP),
 ``dispa_l4_upstream_connect_failures_total{listener}``,
 ``dispa_l4_idle_closed_total{listener}``, ``dispa_l4_dropped_total{listener}`` (UDP
-datagrams dropped while a session's socket opened).
+datagrams dropped: a session's socket still opening, or a socket's send buffer full),
+``dispa_l4_shutdown_closed_total{listener}`` (TCP connections half-closed at the shutdown
+deadline). Labels are bounded: ``listener`` names come from the config, ``reason`` and
+``direction`` from the fixed sets above. Counters of listeners with the same name add up
+(a listener replaced because its address changed, whose old connections still run), so no
+counter goes backwards; a replaced listener whose last connection ended is folded into one
+retired total per name, so reloads do not grow the list.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import socket
 
 from dispa.errors import StartupError
 from dispa.l4.tcp import TcpSession
-from dispa.l4.udp import UdpListenerProtocol
+from dispa.l4.udp import UDP_SEND_BUFFER_LIMIT, UdpListenerProtocol
 
 log = logging.getLogger("dispa.l4")
 
@@ -44,8 +50,14 @@ _HELP = {
     "dispa_l4_upstream_connect_failures_total": ("counter", "L4 upstream connect failures."),
     "dispa_l4_idle_closed_total": ("counter", "L4 connections or sessions ended by the idle "
                                               "timeout."),
-    "dispa_l4_dropped_total": ("counter", "UDP datagrams dropped (session not ready)."),
+    "dispa_l4_dropped_total": ("counter", "UDP datagrams dropped (session not ready, or "
+                                          "a send buffer full)."),
+    "dispa_l4_shutdown_closed_total": ("counter", "L4 TCP connections half-closed at the "
+                                                  "shutdown deadline."),
 }
+
+_COUNTERS = ("opened", "bytes_in", "bytes_out", "datagrams_in", "datagrams_out",
+             "connect_failures", "idle_closed", "dropped", "shutdown_closed")
 
 
 class L4Listener:
@@ -67,6 +79,14 @@ class L4Listener:
         self.connect_failures = 0
         self.idle_closed = 0
         self.dropped = 0
+        self.shutdown_closed = 0
+
+    def absorb(self, old: "L4Listener") -> None:
+        """Add the counters of ``old`` (same name, retired) to this one's."""
+        for name in _COUNTERS:
+            setattr(self, name, getattr(self, name) + getattr(old, name))
+        for reason, n in old.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + n
 
     def update(self, spec: dict) -> None:
         """New settings for new connections (same name, protocol and address)."""
@@ -100,15 +120,23 @@ class L4Listener:
             del self.udp_sessions[udp_session.client]
         self.gauge()
 
-    def sendto(self, data: bytes, addr) -> None:
-        if self.handle is not None and not self.handle.is_closing():
-            self.handle.sendto(data, addr)
+    def sendto(self, data: bytes, addr) -> bool:
+        """Send a datagram to a client from the listening socket; False (counted as
+        dropped) when the socket is gone or its send buffer is full."""
+        h = self.handle
+        if h is None or h.is_closing() or h.get_write_buffer_size() > UDP_SEND_BUFFER_LIMIT:
+            self.dropped += 1
+            return False
+        h.sendto(data, addr)
+        return True
 
     def gauge(self) -> None:
         m = self.server.metrics
         if m is not None:
+            mgr = getattr(self.server, "l4", None)
+            same = mgr.named(self.name) if isinstance(mgr, L4Manager) else (self,)
             m.set_gauge("dispa_l4_active_connections", (("listener", self.name),),
-                        len(self.active) + len(self.udp_sessions))
+                        sum(len(x.active) + len(x.udp_sessions) for x in same))
 
     # ---------------------------------------------------------------- lifecycle
     async def bind(self, loop) -> None:
@@ -134,20 +162,28 @@ class L4Listener:
             s._end()
 
     def export(self, counters: dict) -> None:
+        """Add this listener's counters to ``counters`` (several objects may share a name)."""
         lab = (("listener", self.name),)
-        counters[("dispa_l4_connections_total", lab)] = self.opened
+        rows = [(("dispa_l4_connections_total", lab), self.opened)]
         for reason, n in self.rejected.items():
-            counters[("dispa_l4_rejected_total", lab + (("reason", reason),))] = n
-        counters[("dispa_l4_bytes_total", lab + (("direction", "in"),))] = self.bytes_in
-        counters[("dispa_l4_bytes_total", lab + (("direction", "out"),))] = self.bytes_out
+            rows.append((("dispa_l4_rejected_total", lab + (("reason", reason),)), n))
+        rows += [
+            (("dispa_l4_bytes_total", lab + (("direction", "in"),)), self.bytes_in),
+            (("dispa_l4_bytes_total", lab + (("direction", "out"),)), self.bytes_out),
+            (("dispa_l4_upstream_connect_failures_total", lab), self.connect_failures),
+            (("dispa_l4_idle_closed_total", lab), self.idle_closed),
+        ]
         if self.spec["protocol"] == "udp":
-            counters[("dispa_l4_datagrams_total", lab + (("direction", "in"),))] = \
-                self.datagrams_in
-            counters[("dispa_l4_datagrams_total", lab + (("direction", "out"),))] = \
-                self.datagrams_out
-            counters[("dispa_l4_dropped_total", lab)] = self.dropped
-        counters[("dispa_l4_upstream_connect_failures_total", lab)] = self.connect_failures
-        counters[("dispa_l4_idle_closed_total", lab)] = self.idle_closed
+            rows += [
+                (("dispa_l4_datagrams_total", lab + (("direction", "in"),)), self.datagrams_in),
+                (("dispa_l4_datagrams_total", lab + (("direction", "out"),)),
+                 self.datagrams_out),
+                (("dispa_l4_dropped_total", lab), self.dropped),
+            ]
+        else:
+            rows.append((("dispa_l4_shutdown_closed_total", lab), self.shutdown_closed))
+        for key, n in rows:
+            counters[key] = counters.get(key, 0) + n
 
 
 def _bind(host: str, port: int, kind: int) -> socket.socket:
@@ -179,8 +215,10 @@ class L4Manager:
     def __init__(self, server):
         self.server = server
         self.listeners: dict[str, L4Listener] = {}
-        # listeners of every snapshot so far: their counters stay exported after a removal
-        self._all: list[L4Listener] = []
+        # listeners no longer bound whose connections still run: exported with the rest
+        self._old: list[L4Listener] = []
+        # per name, the counters of retired listeners with no connection left
+        self._retired: dict[str, L4Listener] = {}
         m = server.metrics
         if m is not None:
             for name, (kind, text) in _HELP.items():
@@ -203,7 +241,10 @@ class L4Manager:
         for name in [n for n, lst in self.listeners.items()
                      if n not in wanted or lst.key != (wanted[n]["protocol"], wanted[n]["host"],
                                                        wanted[n]["port"])]:
-            self.listeners.pop(name).stop_listening()
+            old = self.listeners.pop(name)
+            old.stop_listening()
+            self._old.append(old)
+        self._prune()
         for name, spec in wanted.items():
             lst = self.listeners.get(name)
             if lst is not None:
@@ -212,17 +253,66 @@ class L4Manager:
             lst = L4Listener(self.server, spec)
             await lst.bind(loop)
             self.listeners[name] = lst
-            self._all.append(lst)
             lst.gauge()
 
-    def drain(self) -> None:
-        """Graceful shutdown: stop accepting; TCP connections run on until the deadline."""
+    def named(self, name: str) -> list[L4Listener]:
+        """The listeners of that name with connections to count: the bound one and any
+        replaced one whose connections still run."""
+        cur = self.listeners.get(name)
+        return ([cur] if cur is not None else []) + [x for x in self._old if x.name == name]
+
+    def drain(self, deadline_seconds: float | None = None) -> None:
+        """Graceful shutdown: stop accepting. TCP connections run on (a byte stream has no
+        boundary to stop at) until just before the worker's deadline, when both sides of
+        each are half-closed: a FIN after what is queued for it, so the peers see an
+        orderly end rather than a cut (``drain_margin``)."""
         for lst in self.listeners.values():
             lst.stop_listening()
+        if deadline_seconds is not None:
+            asyncio.get_running_loop().call_later(
+                max(0.0, deadline_seconds - drain_margin(deadline_seconds)),
+                self.half_close_all)
+
+    def half_close_all(self) -> int:
+        """Half-close every open TCP connection (counted per listener in
+        ``dispa_l4_shutdown_closed_total`` and logged); returns how many."""
+        n = 0
+        for lst in list(self.listeners.values()) + self._old:
+            for s in list(lst.active):
+                if not s.closed:
+                    s.half_close_at_deadline()
+                    n += 1
+        if n:
+            log.info("l4: %d connections half-closed at the shutdown deadline", n)
+        return n
 
     def _collect(self, counters: dict) -> None:
-        for lst in self._all:
-            lst.export(counters)
+        self._prune()
+        # summed here, then set: ``counters`` keeps the values of the last collection
+        mine: dict = {}
+        for group in (self.listeners.values(), self._old, self._retired.values()):
+            for lst in group:
+                lst.export(mine)
+        counters.update(mine)
+
+    def _prune(self) -> None:
+        """Fold replaced listeners whose last connection ended into the retired totals."""
+        keep = []
+        for lst in self._old:
+            if lst.active or lst.udp_sessions:
+                keep.append(lst)
+            elif lst.name in self._retired:
+                self._retired[lst.name].absorb(lst)
+            else:
+                self._retired[lst.name] = lst
+        self._old = keep
+
+
+def drain_margin(deadline_seconds: float) -> float:
+    """How long before the worker's shutdown deadline L4 connections are half-closed: time
+    for the queued bytes and FINs to leave before the process exits (a tenth of the
+    deadline, at most one second)."""
+    return min(1.0, deadline_seconds / 10)
 
 
 def _log_failure(task: asyncio.Future) -> None:

@@ -8,19 +8,24 @@ A :class:`TcpSession` is the asyncio protocol of one accepted connection. It
    counted as ``rejected{reason="limit"}``);
 2. with ``proxy_protocol_accept``: refuses peers outside ``trusted_proxies``, then reads a
    PROXY v1/v2 header (``l4/proxy_protocol.py``) and takes its source as the client address;
-3. picks an endpoint of the target group with the cluster's selector (health mask of the
-   worker's runtime; hashing selectors hash the client IP), connects with
+3. picks an endpoint of the target group with the cluster's own pick (health, passive
+   marks, circuit breakers, outlier ejection; hashing selectors hash the client IP; an
+   open group breaker refuses the connection, ``rejected{reason="breaker"}``), reports
+   each connect's outcome to the breakers and outlier detector, connects with
    ``connect_timeout``, and on failure tries the next endpoint (each once), reporting the
    failure to the master like the HTTP path does;
 4. with ``proxy_protocol_send``: writes a v1/v2 header first on the upstream connection;
 5. copies bytes both ways. Rule: backpressure as in the HTTP Session (a full write buffer
    on one side pauses reading on the other); half-closes pass through (``write_eof``); the
-   connection ends when both directions have ended or either side resets.
+   connection ends when both directions have ended or either side resets;
+6. on graceful shutdown runs on (a byte stream has no boundary to stop at) until just
+   before the worker's deadline (``manager.drain_margin``), when both sides are
+   half-closed, a FIN after the bytes queued for them, and counted in
+   ``dispa_l4_shutdown_closed_total`` (``half_close_at_deadline``).
 
 Bytes that arrive before the upstream is connected are held (reading pauses past
 ``_MAX_EARLY_BYTES``). The session sits in ``server.sessions`` with a ``deadline``: the
-worker's sweeper enforces the idle timeout, and a graceful drain lets connections run until
-the shutdown deadline (a byte stream has no request boundary to stop at).
+worker's sweeper enforces the idle timeout and the PROXY header timeout.
 """
 
 from __future__ import annotations
@@ -37,6 +42,21 @@ _MAX_EARLY_BYTES = 256 * 1024  # held while connecting, before reading pauses
 _WRITE_HIGH_WATER = 256 * 1024  # as the HTTP Session's transports
 _PROXY_HEADER_TIMEOUT_SECONDS = 10.0  # a trusted peer must send its header promptly
 _LINGER_SECONDS = 10.0  # one side gone: how long the other may take to drain its bytes
+_CONNECTED = 200  # the status a successful upstream connect reports to breakers/outlier
+
+
+class _NoHead:
+    """What ``ClusterRuntime.pick`` reads of a request head, for a byte stream: no method,
+    target or fields, so every hash-key part falls back to the client IP
+    (balancer/hash_key.py rule 1) and sticky policies pin by client IP."""
+
+    __slots__ = ()
+    method = b""
+    target = b""
+    headers = ()
+
+
+NO_HEAD = _NoHead()
 
 
 class _Upstream(asyncio.Protocol):
@@ -133,14 +153,13 @@ class TcpSession(asyncio.Protocol):
 
     # ---------------------------------------------------------------- upstream choice
     def _pick(self) -> int:
+        """The cluster's own pick (health, passive marks, circuit breakers, outlier
+        ejection, hashing on the client IP): an endpoint index, -1 for none usable, -2
+        when the group's breaker is open."""
         cluster = self.cluster
         if cluster is None or not cluster.endpoints:
             return -1
-        view = cluster.health_view()
-        key = self.client[0].encode() if cluster.hash_key is not None else None
-        if self.tried:
-            return cluster.selector.pick_excluding(view, self.tried, key)
-        return cluster.selector.pick(view, key)
+        return cluster.pick(self.client[0], self.tried, NO_HEAD)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -148,7 +167,7 @@ class TcpSession(asyncio.Protocol):
         while not self.closed:
             i = self._pick()
             if i < 0:
-                lst.reject("no_endpoint")
+                lst.reject("breaker" if i == -2 else "no_endpoint")
                 self._close_now()
                 return
             cluster = self.cluster
@@ -156,6 +175,7 @@ class TcpSession(asyncio.Protocol):
             cluster.selector.acquire(i)
             self.ep = i
             up = _Upstream(self)
+            t0 = time.monotonic()
             try:
                 await asyncio.wait_for(loop.create_connection(lambda: up, ep.host, ep.port),
                                        self.spec["connect_timeout_seconds"])
@@ -169,10 +189,14 @@ class TcpSession(asyncio.Protocol):
                 self.tried.add(i)
                 lst.connect_failures += 1
                 cluster.mark_failed(i)
+                if cluster.tracks:  # breakers and outlier ejection see the failure
+                    cluster.report(i, 0, time.monotonic() - t0)
                 self.server.report_passive(cluster.name, ep.id, "connect_failed")
                 log.info("l4 %s: connect to %s failed: %s", lst.name, ep.id,
                          "timeout" if isinstance(exc, asyncio.TimeoutError) else exc)
                 continue
+            if cluster.tracks:  # a connect that succeeded is the stream's "response"
+                cluster.report(i, _CONNECTED, time.monotonic() - t0)
             if self.closed:
                 up.transport.abort()
                 self._release()
@@ -389,10 +413,13 @@ class TcpSession(asyncio.Protocol):
         self._close_now()
 
     def drain(self) -> None:
-        """Graceful shutdown: a byte stream has no boundary to stop at; it runs until it
-        ends or the worker's shutdown deadline aborts it."""
+        """Graceful shutdown: nothing now; a byte stream has no boundary to stop at. The
+        L4 manager half-closes it just before the deadline (module docstring, step 6)."""
 
     def _abort(self, why: str) -> None:
+        if why == "shutdown deadline" and not self.closed and self.transport is not None:
+            self.half_close_at_deadline()
+            return
         self._end()
         if self.connect_task is not None:
             self.connect_task.cancel()
@@ -402,3 +429,17 @@ class TcpSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def half_close_at_deadline(self) -> None:
+        """The shutdown deadline is here with the stream still open: both sides get a FIN
+        after what is queued for them (an abort would throw queued bytes away), and the
+        connection is counted (``dispa_l4_shutdown_closed_total``)."""
+        self.listener.shutdown_closed += 1
+        self._end()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+        up = self.upstream
+        for t in (self.transport, up.transport if up is not None else None):
+            if t is None or t.is_closing():
+                continue
+            self._write_eof(t)
+            t.close()

@@ -152,44 +152,127 @@ _EXPR = {
 }
 
 
-def compile_format(fmt: str, red: Redactor, clock: Optional[_Clock] = None,
-                   worker: int = 0) -> Callable:
-    """A text format -> ``render(exchange) -> str`` (without the newline).
+# The fast path's raw value of a variable (no redaction, no escaping) where it differs from
+# _EXPR; the generated code checks once per line that nothing needs either (see
+# compile_format). Variables whose value comes from the client and may carry a secret are
+# listed in _SCANNED with the raw string the redactor would look at.
+_RAW = {
+    "remote_addr": '(ex.client_ip or "-")',
+    "request": '(ex.method + " " + t + " " + ex.version)',
+    "request_method": "ex.method",
+    "request_uri": "t",
+    "upstream_addr": '(ex.endpoint or "-")',
+    "request_id": '(ex.request_id or "-")',
+    "host": '(ex.host or ex.domain or "-")',
+    "route": '(str(ex.route) if ex.route is not None else "-")',
+    "cluster": '(ex.cluster or "-")',
+    "error": '(e or "-")',
+}
+# the record field whose [[fields]] rule applies to a variable (then: the _EXPR path)
+_FIELD_OF = {"remote_addr": "client_ip", "host": "host"}
+_SCANNED = {"request": "t", "request_uri": "t", "error": '(e or "")'}
 
-    The format is compiled once into the source of one function (like a template engine),
-    so rendering a line is one call; every variable's expression is fixed in ``_EXPR``
-    (no text of the format reaches the generated code except as string literals).
+
+def _safe(s: str) -> bool:
+    """True when nginx escaping leaves ``s`` unchanged (printable ASCII, no quote or
+    backslash): four C-level checks instead of a regex per variable."""
+    return s.isascii() and s.isprintable() and '"' not in s and "\\" not in s
+
+
+def compile_format(fmt: str, red: Redactor, clock: Optional[_Clock] = None,
+                   worker: int = 0, newline: bool = False) -> Callable:
+    """A text format -> ``render(exchange) -> str`` (the line; with its ``\\n`` when
+    ``newline``, as the sink writes it).
+
+    The format is compiled once into the source of two functions (like a template
+    engine), so rendering a line is one call; every variable's expression is fixed in
+    ``_EXPR`` / ``_RAW`` (no text of the format reaches the generated code except as
+    string literals). ``slow`` redacts and escapes each variable (the reference);
+    ``render`` (the fast path) takes the raw values, asks the redactor once whether any
+    of the client's strings could need redaction (:meth:`Redactor.suspect` over them
+    joined) and checks once that the values need no escaping, then fills one %-format;
+    when either check fails it returns ``slow(ex)``, so both always give the same line.
     """
     clock = clock or _Clock()
-    parts: list[str] = []
+    parts: list[str] = []      # slow: one expression per piece
+    raw: list[str] = []        # fast: one expression per variable
+    lits: list[str] = []       # fast: the %-format
+    scanned: list[str] = []    # fast: the strings the redactor must see
+    prelude: list[str] = []
     wanted: list[bytes] = []
     pos = 0
+    needs_t = needs_e = False
     for m in VAR_RE.finditer(fmt):
         if m.start() > pos:
             parts.append(repr(fmt[pos:m.start()]))
+            lits.append(fmt[pos:m.start()].replace("%", "%%"))
         name = m.group(1).strip("{}")
+        lits.append("%s")
         if name.startswith("http_"):
             hname = name[5:].replace("_", "-")
             key = hname.encode("latin-1")
             if key not in wanted:
                 wanted.append(key)
+            var = "h%d" % wanted.index(key)
             if hname == "referer":
                 parts.append(f"_ref(h.get({key!r}))")
+                # _ref: absent or empty -> "-"
+                line = f"    {var} = hb({key!r}); {var} = {var}.decode('latin-1') if {var} else '-'"
+                raw.append(var)
+                scanned.append(var)
             else:
                 parts.append(f"_hdr({hname!r}, h.get({key!r}))")
+                if red._headers.get(hname.lower()) is not None:
+                    raw.append(f"_hdr({hname!r}, hb({key!r}))")  # a header rule: exact path
+                    line = None
+                else:
+                    line = (f"    {var} = hb({key!r}); "
+                            f"{var} = '-' if {var} is None else {var}.decode('latin-1')")
+                    raw.append(var)
+                    scanned.append(var)
+            if line is not None and line not in prelude:
+                prelude.append(line)
         else:
             parts.append(_EXPR[name])
+            field = _FIELD_OF.get(name)
+            if name in _RAW and not (field and red._fields.get(field)):
+                raw.append(_RAW[name])
+            else:
+                raw.append(_EXPR[name])
+            if name in _SCANNED:
+                scanned.append(_SCANNED[name])
+            needs_t = needs_t or name in ("request", "request_uri")
+            needs_e = needs_e or name == "error"
         pos = m.end()
     if pos < len(fmt):
         parts.append(repr(fmt[pos:]))
-    lines = ["def render(ex):"]
+        lits.append(fmt[pos:].replace("%", "%%"))
+    nl = "\n" if newline else ""
+    lits.append(nl)
+    lines = ["def slow(ex):"]
     if wanted:
         lines += ["    h = {}",
                   "    for k, v in ex.request_headers or ():",
                   "        k = k.lower()",
                   "        if k in WANTED and k not in h:",
                   "            h[k] = v"]
-    lines.append(f"    return ''.join(({', '.join(parts)},))" if parts else "    return ''")
+    lines.append(f"    return ''.join(({', '.join(parts)}, {nl!r}))")
+    lines.append("def render(ex):")
+    if wanted:
+        lines.append("    hb = ex.header_bytes")
+    if needs_t:
+        lines.append("    t = ex.target")
+    if needs_e:
+        lines.append("    e = ex.error")
+    lines += prelude
+    lines.append(f"    v = ({''.join(r + ', ' for r in raw)})")
+    check = "_safe(''.join(v))"
+    if scanned and (red._needles or red._always):
+        uniq = list(dict.fromkeys(scanned))
+        check = f"not suspect('\\0'.join(({''.join(x + ', ' for x in uniq)}))) and " + check
+    lines.append(f"    if {check}:")
+    lines.append("        return FMT % v")
+    lines.append("    return slow(ex)")
 
     def _hdr(name: str, v: Optional[bytes]) -> str:
         if v is None:
@@ -201,9 +284,13 @@ def compile_format(fmt: str, red: Redactor, clock: Optional[_Clock] = None,
         return "-" if v is None else (_esc(red.target(v.decode("latin-1"))) or "-")
 
     ns = {"red": red, "clock": clock, "_esc": _esc, "_ms3": _ms3, "_hdr": _hdr, "_ref": _ref,
-          "W": str(worker), "WANTED": frozenset(wanted)}
+          "W": str(worker), "WANTED": frozenset(wanted), "FMT": "".join(lits),
+          "_safe": _safe, "suspect": red.suspect}
     exec("\n".join(lines), ns)  # noqa: S102 - source built from _EXPR and repr() literals
-    return ns["render"]
+    render = ns["render"]
+    render.slow = ns["slow"]
+    render.source = "\n".join(lines)
+    return render
 
 
 class AccessLog:
@@ -226,20 +313,48 @@ class AccessLog:
                                spec.get("buffer_size", 65536), spec.get("flush_interval", 1.0),
                                on_error)
         fmt = spec.get("format", "json")
+        red = self.red
+        # the json fast path applies when no field or header rule touches its fields
+        # (else every line takes _json_slow, the reference)
+        self._json_fast = not (red._fields.get("client_ip") or red._fields.get("host")
+                               or red._headers.get("user-agent"))
+        self._suspect = red.suspect if (red._needles or red._always) else None
         if fmt == "json":
             self._render = self._json
         else:
-            text = compile_format(fmt, self.red, self._clock, self.worker)
-            self._render = lambda ex: (text(ex) + "\n").encode("utf-8", "replace")
+            self._render = compile_format(fmt, self.red, self._clock, self.worker, True)
+            self.file.text = True  # str lines, encoded once per flush
 
     def _json(self, ex) -> bytes:
+        if self._json_fast:
+            target = ex.target
+            hb = ex.header_bytes
+            ref = hb(b"referer")
+            ua = hb(b"user-agent")
+            ref = ref.decode("latin-1") if ref else None
+            ua = ua.decode("latin-1") if ua else None
+            err = ex.error
+            sus = self._suspect
+            if sus is None or not sus("\0".join((target, ref or "", ua or "", err or ""))):
+                attempts = ex.attempts
+                route = ex.route
+                return _ENCODER.encode(AccessRecord(
+                    self._clock.iso_utc_ms(ex.start), ex.client_ip or "-", ex.method,
+                    target, ex.version, ex.status, ex.bytes_out or 0, ex.bytes_in or 0,
+                    int((ex.duration or 0.0) * 1e6) / 1e6, ex.host, ex.request_id or None,
+                    ref, ua, ex.endpoint,
+                    int(ex.upstream_seconds * 1e6) / 1e6 if attempts else None,
+                    len(attempts), str(route) if route is not None else None,
+                    ex.cluster, err or None, self.worker)) + b"\n"
+        return self._json_slow(ex)
+
+    def _json_slow(self, ex) -> bytes:
+        """The reference rendering: every field through the redactor."""
         red = self.red
-        ua = ref = None
-        for k, v in ex.request_headers or ():  # one pass for both headers
-            if len(k) == 10 and k.lower() == b"user-agent":
-                ua = v.decode("latin-1")
-            elif len(k) == 7 and k.lower() == b"referer":
-                ref = v.decode("latin-1")
+        ref = ex.header_bytes(b"referer")  # the first of each, like the text formats
+        ua = ex.header_bytes(b"user-agent")
+        ref = ref.decode("latin-1") if ref else None
+        ua = ua.decode("latin-1") if ua else None
         rec = AccessRecord(
             time=self._clock.iso_utc_ms(ex.start),
             remote_addr=red.field("client_ip", ex.client_ip or "-"),

@@ -63,6 +63,13 @@ class Exchange:
                 return v.decode("latin-1")
         return None
 
+    def header_bytes(self, name: bytes) -> Optional[bytes]:
+        """The first request header ``name`` (given in lower case), raw bytes, or None."""
+        for k, v in self.request_headers or ():
+            if len(k) == len(name) and k.lower() == name:
+                return v
+        return None
+
     @property
     def upstream_seconds(self) -> Optional[float]:
         """Time spent on the last upstream attempt, or None without one."""
@@ -80,30 +87,137 @@ def make_exchange(t0: float, now: float, client_ip: str, head, domain: str, stat
                   bytes_in: int, bytes_out: int, rid: bytes, cluster, endpoint: str,
                   attempts, plan, error: Optional[str], scheme: str = "http",
                   tls: Optional[dict] = None) -> Exchange:
-    """Build the record from the Session's state (both twins call this)."""
-    req = plan.req if plan is not None else None
+    """Build the record from the Session's state (both twins call this).
+
+    Cheap by construction (docs/logging.md#cost; ~0.5 us): slot stores of values the
+    Session already holds, two dict lookups, one decode; no header loop and no clock
+    call (``start`` comes from the worker's wall/monotonic offset, :data:`CLOCKS`). The
+    fields that cost more and that not every sink reads (``host``: a header lookup;
+    ``request_id``, ``route``, ``cluster``, ``request``) are properties of
+    :class:`_LazyExchange`, computed on first read.
+    """
+    ex = _new_lazy(_LazyExchange)
+    c = CLOCKS
+    if t0 >= c.until:
+        c.refresh()
+    ex.start = t0 + c.offset
+    ex.t0 = t0
+    ex.duration = now - t0
+    ex.client_ip = client_ip
     if head is not None:
-        method = head.method.decode("latin-1")
-        target = head.target.decode("latin-1")
-        version = "HTTP/1.1" if head.version == 11 else "HTTP/1.0"
-        headers = head.headers
-        host = None
-        for k, v in headers:
-            if len(k) == 4 and k.lower() == b"host":
-                host = v.decode("latin-1")
-                break
+        m = head.method
+        ex.method = _METHODS.get(m) or m.decode("latin-1")
+        ex.target = head.target.decode("latin-1")
+        ex.version = _VERSIONS.get(head.version, "HTTP/1.0")
+        ex.request_headers = head.headers
     else:
-        method, target, version, headers, host = "-", "-", "-", [], None
-    duration = now - t0
-    return Exchange(
-        start=time.time() - (time.monotonic() - t0), t0=t0, duration=duration,
-        client_ip=client_ip, method=method, target=target, version=version, host=host,
-        domain=domain or "-", status=status, bytes_in=bytes_in, bytes_out=bytes_out,
-        request_headers=headers, request_id=rid.decode("latin-1") if rid else "",
-        route=getattr(req, "route", None) if req is not None else None,
-        cluster=getattr(cluster, "name", None) if cluster is not None else None,
-        endpoint=endpoint or None, attempts=list(attempts or ()), error=error,
-        request=req, scheme=scheme, tls=tls)
+        ex.method = ex.target = ex.version = "-"
+        ex.request_headers = _EMPTY
+    ex.domain = domain or "-"
+    ex.status = status
+    ex.bytes_in = bytes_in
+    ex.bytes_out = bytes_out
+    ex.endpoint = endpoint or None
+    ex.attempts = attempts if attempts else _EMPTY
+    ex.error = error
+    ex.scheme = scheme
+    ex.tls = tls
+    ex._h = head
+    ex._rid = rid
+    ex._cl = cluster
+    ex._plan = plan
+    ex._host = _UNSET
+    return ex
+
+
+_new_lazy = object.__new__
+_UNSET: Any = object()
+#: shared empty list for "no headers" / "no attempts" (sinks only read it)
+_EMPTY: list = []
+_VERSIONS = {11: "HTTP/1.1", 10: "HTTP/1.0"}
+#: method bytes -> str (an unknown method is decoded, not cached: a client cannot grow it)
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH",
+                                    "OPTIONS", "CONNECT", "TRACE")}
+
+
+class _Clocks:
+    """``time.time() - time.monotonic()``, refreshed at most every ``REFRESH`` seconds of
+    monotonic time: one clock pair per worker and interval, not two calls per request.
+    The error is the wall clock's slew over the interval (NTP slews <= 0.5 ms/s), below
+    the logs' millisecond resolution; a wall-clock step shows after at most ``REFRESH``."""
+
+    REFRESH = 1.0
+    __slots__ = ("offset", "until")
+
+    def __init__(self):
+        self.offset = 0.0
+        self.until = -1.0
+
+    def refresh(self) -> None:
+        m = time.monotonic()
+        self.offset = time.time() - m
+        self.until = m + self.REFRESH
+
+    def wall(self, mono: float) -> float:
+        """The wall-clock time (epoch seconds) of monotonic instant ``mono``."""
+        if mono >= self.until:
+            self.refresh()
+        return mono + self.offset
+
+
+#: the worker's clock offset (one per process)
+CLOCKS = _Clocks()
+
+
+class _LazyExchange(Exchange):
+    """The Session's Exchange (see :func:`make_exchange`): the same attributes as
+    :class:`Exchange`, read-only; the properties below shadow Exchange's slots of the
+    same names and compute on read from the raw values kept in the private slots."""
+
+    __slots__ = ("_h", "_rid", "_cl", "_plan", "_host")
+
+    @property
+    def host(self) -> Optional[str]:
+        v = self._host
+        if v is _UNSET:
+            h = self._h
+            b = h.get(b"host") if h is not None else None
+            v = self._host = None if b is None else b.decode("latin-1")
+        return v
+
+    @property
+    def request_id(self) -> str:
+        r = self._rid
+        return r.decode("latin-1") if r else ""
+
+    @property
+    def request(self):
+        p = self._plan
+        return p.req if p is not None else None
+
+    @property
+    def route(self):
+        p = self._plan
+        return getattr(p.req, "route", None) if p is not None else None
+
+    @property
+    def cluster(self) -> Optional[str]:
+        c = self._cl
+        return getattr(c, "name", None) if c is not None else None
+
+    def header(self, name: str | bytes) -> Optional[str]:
+        """The first request header of that name (case-insensitive), decoded, or None."""
+        h = self._h
+        if h is None:
+            return None
+        n = name.encode("latin-1") if isinstance(name, str) else name
+        v = h.get(n.lower())
+        return None if v is None else v.decode("latin-1")
+
+    def header_bytes(self, name: bytes) -> Optional[bytes]:
+        """The first request header ``name`` (lower-case bytes), raw, or None."""
+        h = self._h
+        return None if h is None else h.get(name)
 
 
 class SinkContext:
@@ -120,11 +234,27 @@ class SinkContext:
 #: Sink factories, called in this order on every snapshot (see the module docstring).
 SINK_FACTORIES: list[Callable[[Any, SinkContext, Any], Any]] = []
 
+#: Modules that append their factories to SINK_FACTORIES when imported; imported by the
+#: first Observers (in workers only, so the master never loads sink code).
+BUILTIN_SINK_MODULES: list[str] = [
+    "dispa.observability.custom_metrics",
+    "dispa.observability.tracing",
+    "dispa.observability.access_log",
+    "dispa.observability.traffic_log",
+]
+
+
+def _load_builtin_sinks() -> None:
+    import importlib
+    for name in BUILTIN_SINK_MODULES:
+        importlib.import_module(name)
+
 
 class Observers:
     """A worker's sinks: rebuilt on each snapshot, flushed on graceful shutdown."""
 
     def __init__(self, ctx: SinkContext):
+        _load_builtin_sinks()
         self.ctx = ctx
         self._by_factory: dict[Callable, Any] = {}
         self.sinks: tuple = ()

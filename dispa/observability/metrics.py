@@ -79,6 +79,13 @@ METRIC_HELP: dict[str, tuple[str, str]] = {
     "dispa_protocol_errors_total": ("counter", "Requests rejected before routing, by status."),
     "dispa_retries_total": ("counter", "Upstream retries."),
     "dispa_active_connections": ("gauge", "Open downstream connections (sum over workers)."),
+    "dispa_traces_total": (
+        "counter", "Traces decided by the tracer, by outcome (sampled, kept by a tail rule, "
+                   "rate-limited, not sampled)."),
+    "dispa_trace_spans_total": (
+        "counter", "Spans handed to the exporter, by outcome (exported, failed, dropped)."),
+    "dispa_upstream_pool_connections": (
+        "gauge", "Upstream keep-alive pool connections by endpoint and state (idle, in_use)."),
     "dispa_target_health": ("gauge", "1 if the target endpoint is healthy, else 0."),
     "dispa_workers": ("gauge", "Live worker processes."),
     "dispa_config_reloads_total": ("counter", "Configuration reloads, by result."),
@@ -121,7 +128,8 @@ class WorkerMetrics:
 
     __slots__ = ("_buckets", "_nb", "_bk3", "_bk1", "_requests", "_domain_set", "_upstream",
                  "_counters", "_gauges", "_instance", "_seq", "max_domains", "max_series",
-                 "_ms", "_collectors")
+                 "_ms", "_collectors", "_hists", "_help", "_frozen", "_ms_bounds",
+                 "_overrides", "_ubuckets")
 
     def __init__(self, buckets: Sequence[float] = DEFAULT_BUCKETS, *,
                  max_domains: int = 1000, max_series: int = 20000):
@@ -141,6 +149,7 @@ class WorkerMetrics:
         self._nb = len(b)
         self._bk3 = (-math.inf,) * 3 + b  # bisect result == slot index in a request list
         self._bk1 = (-math.inf,) + b      # ... in an upstream list
+        self._ubuckets = b                # bounds of the upstream duration histogram
         # (domain, method, status) -> [sum, bytes_in, bytes_out, counts..., count > last]
         self._requests: dict[tuple[str, str, int], list] = {}
         self._domain_set: set[str] = set()
@@ -151,6 +160,14 @@ class WorkerMetrics:
         # (name, labels) -> [sum, counts per MS_BUCKETS..., count above the last bound]
         self._ms: dict[tuple[str, Labels], list] = {}
         self._collectors: list = []
+        # (name, labels) -> [bounds, sum, counts..., count above the last bound]: histograms
+        # with their own bounds (custom metrics)
+        self._hists: dict[tuple[str, Labels], list] = {}
+        self._help: dict[str, tuple[str, str]] = {}  # declared (type, help) of custom metrics
+        # series retired by a bucket change: exported as they were, never updated again
+        self._frozen: list = []
+        self._ms_bounds: dict[str, tuple] = {}  # name -> (bounds, bisect table) overrides
+        self._overrides: dict[str, tuple] = {}
         self._instance = _instance_id()
         self._seq = 0
         self.max_domains = max_domains
@@ -178,7 +195,7 @@ class WorkerMetrics:
         :data:`UPSTREAM_OUTCOMES`; the caller owns that vocabulary."""
         h = self._upstream.get((endpoint_id, outcome))
         if h is None:
-            h = self._upstream[(endpoint_id, outcome)] = [0.0] + [0] * (self._nb + 1)
+            h = self._upstream[(endpoint_id, outcome)] = [0.0] + [0] * (len(self._ubuckets) + 1)
         h[bisect_left(self._bk1, duration_seconds)] += 1
         h[0] += duration_seconds
 
@@ -193,7 +210,8 @@ class WorkerMetrics:
         """Add one observation (milliseconds) to the histogram ``name{labels}``, bucketed by
         :data:`MS_BUCKETS` (e.g. ``dispa_plugin_duration_ms``)."""
         h = self.ms_series(name, labels)
-        h[bisect_left(_MS_BK1, ms)] += 1
+        b = self._ms_bounds.get(name) if self._ms_bounds else None
+        h[bisect_left(b[1] if b else _MS_BK1, ms)] += 1
         h[0] += ms
 
     def ms_series(self, name: str, labels: Labels) -> list:
@@ -202,13 +220,81 @@ class WorkerMetrics:
         k = (name, labels)
         h = self._ms.get(k)
         if h is None:
-            h = self._ms[k] = [0.0] + [0] * (len(MS_BUCKETS) + 1)
+            b = self._ms_bounds.get(name)
+            h = self._ms[k] = [0.0] + [0] * (len(b[0] if b else MS_BUCKETS) + 1)
         return h
 
     def add_collector(self, fn) -> None:
         """Call ``fn(counters)`` before each export; it writes cumulative values into the
         ``{(name, labels): value}`` dict (for counters kept elsewhere, e.g. plugin stats)."""
         self._collectors.append(fn)
+
+    def observe(self, name: str, labels: Labels, value: float,
+                bounds: tuple[float, ...]) -> None:
+        """Add one observation to the histogram ``name{labels}`` with its own ``bounds``
+        (custom metrics; a name keeps the bounds of its first series)."""
+        k = (name, labels)
+        h = self._hists.get(k)
+        if h is None:
+            h = self._hists[k] = [bounds, (-math.inf,) + tuple(bounds), 0.0] + \
+                [0] * (len(bounds) + 1)
+        h[2 + bisect_left(h[1], value)] += 1
+        h[2] += value
+
+    def set_help(self, name: str, kind: str, help_: str) -> None:
+        """Declare the type and help text of a metric Dispa does not define itself."""
+        self._help[name] = (kind, help_)
+
+    def configure_buckets(self, overrides: Mapping[str, Sequence[float]]) -> None:
+        """Apply ``[[monitoring.histogram_buckets]]`` (bounds already in the metric's unit).
+
+        Series recorded with other bounds are frozen (exported unchanged from now on) and new
+        observations start on the new bounds; the master merges the two layouts.
+        """
+        wanted = {k: tuple(float(x) for x in v) for k, v in overrides.items()}
+        if wanted == self._overrides:
+            return
+        self._overrides = wanted
+        req = wanted.get(REQUEST_DURATION, DEFAULT_BUCKETS)
+        up = wanted.get(UPSTREAM_DURATION, DEFAULT_BUCKETS)
+        if req != self._buckets or up != self._ubuckets:
+            self._freeze_core()
+            self._buckets = req
+            self._nb = len(req)
+            self._bk3 = (-math.inf,) * 3 + req
+            self._ubuckets = up
+            self._bk1 = (-math.inf,) + up
+        for name in {n for n, _ in self._ms} | set(self._ms_bounds) | set(wanted):
+            if name in (REQUEST_DURATION, UPSTREAM_DURATION) or name in METRIC_HELP and \
+                    METRIC_HELP[name][0] != "histogram":
+                continue
+            new = wanted.get(name)
+            old = self._ms_bounds.get(name)
+            if (new or MS_BUCKETS) == (old[0] if old else MS_BUCKETS):
+                continue
+            for k in [k for k in self._ms if k[0] == name]:
+                h = self._ms.pop(k)
+                self._frozen.append(("hist", k[0], k[1], old[0] if old else MS_BUCKETS,
+                                     h[1:], h[0]))
+            if new:
+                self._ms_bounds[name] = (new, (-math.inf,) + new)
+            else:
+                self._ms_bounds.pop(name, None)
+
+    def _freeze_core(self) -> None:
+        part = self._export_core()
+        for name, labels, v in part[0]:
+            self._frozen.append(("counter", name, labels, v))
+        for name, labels, bounds, counts, total in part[1]:
+            self._frozen.append(("hist", name, labels, bounds, counts, total))
+        self._requests = {}
+        self._upstream = {}
+        self._domain_set = set()
+
+    def clear_gauges(self, name: str) -> None:
+        """Drop every series of the gauge ``name`` (before setting the current set)."""
+        for k in [k for k in self._gauges if k[0] == name]:
+            del self._gauges[k]
 
     def set_gauge(self, name: str, labels: Labels, value: float) -> None:
         """Set the gauge ``name{labels}`` (e.g. ``dispa_active_connections``). The master
@@ -241,6 +327,43 @@ class WorkerMetrics:
 
     # -- export -----------------------------------------------------------------------------
 
+    def _export_core(self) -> tuple[list, list]:
+        """Request and upstream series as ([name, labels, value] counters,
+        [name, labels, bounds, counts, sum] histograms)."""
+        counters: list = []
+        histograms: list = []
+        per_domain: dict[str, list] = {}
+        for (domain, method, status), h in self._requests.items():
+            counters.append([REQUESTS_TOTAL, (("domain", domain), ("method", method),
+                                              ("status", str(status))), sum(h[3:])])
+            acc = per_domain.get(domain)
+            if acc is None:
+                per_domain[domain] = list(h)
+            else:
+                for i, v in enumerate(h):
+                    acc[i] += v
+        for domain, h in per_domain.items():
+            lab = (("domain", domain),)
+            histograms.append([REQUEST_DURATION, lab, self._buckets, h[3:], h[0]])
+            if h[1]:
+                counters.append([RECEIVED_BYTES, lab, h[1]])
+            if h[2]:
+                counters.append([SENT_BYTES, lab, h[2]])
+        per_ep: dict[str, list] = {}
+        for (ep, outcome), h in self._upstream.items():
+            counters.append([UPSTREAM_REQUESTS, (("endpoint", ep), ("outcome", outcome)),
+                             sum(h[1:])])
+            acc = per_ep.get(ep)
+            if acc is None:
+                per_ep[ep] = list(h)
+            else:
+                for i, v in enumerate(h):
+                    acc[i] += v
+        for ep, h in per_ep.items():
+            histograms.append([UPSTREAM_DURATION, (("endpoint", ep),), self._ubuckets, h[1:],
+                               h[0]])
+        return counters, histograms
+
     def export(self) -> dict:
         """Everything counted since this worker started, as plain data (see module doc).
 
@@ -250,53 +373,50 @@ class WorkerMetrics:
         self._seq += 1
         for fn in self._collectors:
             fn(self._counters)
-        counters: list = []
-        histograms: list = []
-        per_domain: dict[str, list] = {}
-        for (domain, method, status), h in self._requests.items():
-            counters.append([REQUESTS_TOTAL, [["domain", domain], ["method", method],
-                                              ["status", str(status)]], sum(h[3:])])
-            acc = per_domain.get(domain)
-            if acc is None:
-                per_domain[domain] = list(h)
-            else:
-                for i, v in enumerate(h):
-                    acc[i] += v
-        for domain, h in per_domain.items():
-            lab = [["domain", domain]]
-            histograms.append([REQUEST_DURATION, lab, 0, h[3:], h[0]])
-            if h[1]:
-                counters.append([RECEIVED_BYTES, lab, h[1]])
-            if h[2]:
-                counters.append([SENT_BYTES, lab, h[2]])
-        per_ep: dict[str, list] = {}
-        for (ep, outcome), h in self._upstream.items():
-            counters.append([UPSTREAM_REQUESTS, [["endpoint", ep], ["outcome", outcome]],
-                             sum(h[1:])])
-            acc = per_ep.get(ep)
-            if acc is None:
-                per_ep[ep] = list(h)
-            else:
-                for i, v in enumerate(h):
-                    acc[i] += v
-        for ep, h in per_ep.items():
-            histograms.append([UPSTREAM_DURATION, [["endpoint", ep]], 0, h[1:], h[0]])
+        bucket_sets: list = [list(self._buckets), list(MS_BUCKETS)]
+        index: dict[tuple, int] = {tuple(self._buckets): 0, MS_BUCKETS: 1}
+
+        def bset(bounds) -> int:
+            b = tuple(bounds)
+            i = index.get(b)
+            if i is None:
+                i = index[b] = len(bucket_sets)
+                bucket_sets.append(list(b))
+            return i
+
+        def lab(labels) -> list:
+            return [[k, v] for k, v in labels]
+
+        core_c, core_h = self._export_core()
+        counters = [[n, lab(l), v] for n, l, v in core_c]
+        histograms = [[n, lab(l), bset(b), c, t] for n, l, b, c, t in core_h]
         for (name, labels), v in self._counters.items():
-            counters.append([name, [[k, val] for k, val in labels], v])
+            counters.append([name, lab(labels), v])
         for (name, labels), h in self._ms.items():
             if sum(h[1:]):
-                histograms.append([name, [[k, val] for k, val in labels], 1, h[1:], h[0]])
-        gauges = [[name, [[k, val] for k, val in labels], v]
-                  for (name, labels), v in self._gauges.items()]
-        return {
+                b = self._ms_bounds.get(name)
+                histograms.append([name, lab(labels), bset(b[0]) if b else 1, h[1:], h[0]])
+        for (name, labels), h in self._hists.items():
+            histograms.append([name, lab(labels), bset(h[0]), h[3:], h[2]])
+        # frozen series last: the master merges them onto the current layout
+        for f in self._frozen:
+            if f[0] == "counter":
+                counters.append([f[1], lab(f[2]), f[3]])
+            else:
+                histograms.append([f[1], lab(f[2]), bset(f[3]), list(f[4]), f[5]])
+        gauges = [[name, lab(labels), v] for (name, labels), v in self._gauges.items()]
+        out = {
             "v": 1,
             "instance": self._instance,
             "seq": self._seq,
-            "bucket_sets": [list(self._buckets), list(MS_BUCKETS)],
+            "bucket_sets": bucket_sets,
             "counters": counters,
             "histograms": histograms,
             "gauges": gauges,
         }
+        if self._help:
+            out["help"] = {k: list(v) for k, v in self._help.items()}
+        return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -386,6 +506,7 @@ class MetricsAggregator:
         self._live: dict[str, _Snapshot] = {}
         self._base_counters: dict[tuple[str, Labels], float] = {}
         self._base_hists: dict[tuple[str, Labels], _Hist] = {}
+        self._help: dict[str, tuple[str, str]] = {}  # declared by workers (custom metrics)
 
     def update(self, worker_key: str, export: Mapping) -> None:
         """Record the latest cumulative export of the live worker ``worker_key``.
@@ -403,6 +524,11 @@ class MetricsAggregator:
             raise
         except Exception as e:
             raise ValueError(f"malformed metrics export from {worker_key}: {e!r}") from e
+        declared = export.get("help") if isinstance(export, Mapping) else None
+        if isinstance(declared, Mapping):
+            for name, (kind, text) in declared.items():
+                if kind in ("counter", "gauge", "histogram"):
+                    self._help[str(name)] = (kind, str(text))
         old = self._live.get(worker_key)
         if old is not None:
             if old.instance == snap.instance:
@@ -436,7 +562,9 @@ class MetricsAggregator:
 
     def _totals(self) -> tuple[dict, dict, dict]:
         counters = dict(self._base_counters)
-        hists = {k: h.copy() for k, h in self._base_hists.items()}
+        # live workers first: their bucket layout (the current config) wins, and retired
+        # counts are merged onto it
+        hists: dict[tuple[str, Labels], _Hist] = {}
         gauges: dict[tuple[str, Labels], float] = {}
         for snap in self._live.values():
             for k, v in snap.counters.items():
@@ -448,6 +576,11 @@ class MetricsAggregator:
                     hists[k] = h.copy()
             for k, v in snap.gauges.items():
                 gauges[k] = gauges.get(k, 0) + v
+        for k, h in self._base_hists.items():
+            if k in hists:
+                hists[k].add(h)
+            else:
+                hists[k] = h.copy()
         return counters, hists, gauges
 
     # -- rendering --------------------------------------------------------------------------
@@ -460,7 +593,8 @@ class MetricsAggregator:
         def fam(name: str, default_type: str) -> list:
             f = fams.get(name)
             if f is None:
-                typ, help_ = METRIC_HELP.get(name, (default_type, f"Dispa metric {name}."))
+                typ, help_ = METRIC_HELP.get(name) or self._help.get(name) or (
+                    default_type, f"Dispa metric {name}.")
                 f = fams[name] = [typ, help_, []]
             return f
 

@@ -56,6 +56,11 @@ _ALIASES = {"client.address": "client_ip", "network.peer.address": "client_ip",
             "server.address": "host", "user_agent.original": "user_agent"}
 
 
+# suspect(): digits -> "1", ASCII letters -> lower case, the rest unchanged
+_FOLD = bytes(0x31 if 0x30 <= c <= 0x39 else (c | 0x20 if 0x41 <= c <= 0x5a else c)
+              for c in range(256))
+
+
 def luhn_ok(digits: str) -> bool:
     """True when ``digits`` (only 0-9) passes the Luhn checksum."""
     total = 0
@@ -109,6 +114,24 @@ class Redactor:
         self._patterns = tuple(
             (re.compile(regex), (lambda m, a=action: self.apply(a, m.group(0))))
             for _name, regex, action in spec.get("patterns", ()))
+        # suspect(): what a string must contain (after _FOLD) for a rule to change it
+        needles: list[bytes] = []
+        if self._cards:
+            needles.append(b"1" * 13)
+        if self._bearer:
+            needles += [b"bearer", b"basic", b"token", b"digest", b"eyj"]
+        if self._emails:
+            needles.append(b"@")
+        if self._query:
+            # a masked parameter's name (a %-escaped name decodes to anything: any '%')
+            needles.append(b"%")
+            needles += [q.encode("latin-1", "replace").translate(_FOLD, b" +-")
+                        for q in self._query]
+        # a needle that contains another is redundant (access_token: token)
+        needles = sorted(set(needles), key=len)
+        self._needles = tuple(n.decode("latin-1") for i, n in enumerate(needles)
+                              if not any(m in n for m in needles[:i]))
+        self._always = bool(self._patterns)
 
     # ---------------------------------------------------------------- actions
     def hash(self, value: str) -> str:
@@ -142,18 +165,25 @@ class Redactor:
         return s
 
     def _worth_scanning(self, s: str) -> bool:
-        if self._cards and len(s) >= 13:
-            b = s.encode("latin-1", "replace")
-            if len(b) - len(b.translate(None, b"0123456789")) >= 13:
-                return True
-        if self._emails and "@" in s:
+        return self.suspect(s)
+
+    def suspect(self, s: str) -> bool:
+        """False when :meth:`text` and :meth:`target` surely return ``s`` unchanged.
+
+        A necessary condition for any built-in rule to match, checked with one C-level
+        ``translate`` and a few substring searches (~0.3 us on a 100-character string,
+        against several us for the regexes): digits fold to ``1``, letters to lower case
+        and card separators are deleted, so 13 card digits become ``1111111111111`` and
+        ``BeArEr`` becomes ``bearer``. Sinks may check many strings at once by joining
+        them with ``"\\0"`` (which matches no needle).
+        """
+        if self._always:
             return True
-        if self._bearer:
-            if "eyJ" in s:
+        # (str ``in`` is ~3x faster than bytes ``in`` in CPython 3.11: decode back)
+        t = s.encode("latin-1", "replace").translate(_FOLD, b" +-").decode("latin-1")
+        for n in self._needles:
+            if n in t:
                 return True
-            low = s.lower()
-            return ("bearer" in low or "basic" in low or "token" in low
-                    or "digest" in low)
         return False
 
     # ---------------------------------------------------------------- public API
@@ -161,7 +191,7 @@ class Redactor:
         """The regex rules (cards, credentials, e-mails, operator patterns) over ``s``."""
         if not s:
             return s
-        if self._re is not None and self._worth_scanning(s):
+        if self._re is not None and self.suspect(s):
             s = self._re.sub(self._sub, s)
         for rx, repl in self._patterns:
             s = rx.sub(repl, s)
@@ -172,7 +202,7 @@ class Redactor:
         if not s:
             return s
         q = s.find("?")
-        if q >= 0 and self._query:
+        if q >= 0 and self._query and self.suspect(s[q + 1:]):
             pairs = s[q + 1:].split("&")
             changed = False
             for i, pair in enumerate(pairs):

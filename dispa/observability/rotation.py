@@ -55,8 +55,12 @@ class AppendFile:
     """A buffered, append-only log file (one per worker and path).
 
     ``write`` never does I/O unless the buffer is full; ``flush`` does one ``write(2)``.
-    ``path == "-"`` writes to standard output (no reopen).
+    ``path == "-"`` writes to standard output (no reopen). With ``text = True`` the writer
+    takes ``str`` lines and encodes them (UTF-8) once per flush instead of once per line;
+    ``buffer_size`` then counts characters.
     """
+
+    text = False
 
     def __init__(self, path: str, loop: Optional[asyncio.AbstractEventLoop] = None,
                  buffer_size: int = 65536, flush_interval: float = 1.0,
@@ -83,8 +87,9 @@ class AppendFile:
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                           0o644)
 
-    def write(self, data: bytes) -> None:
-        """Queue ``data`` (whole lines); flush when the buffer is full, else arm the timer."""
+    def write(self, data) -> None:
+        """Queue ``data`` (whole lines, ``bytes``, or ``str`` in text mode); flush when
+        the buffer is full, else arm the timer."""
         self._buf.append(data)
         self._size += len(data)
         if self._size >= self.buffer_size:
@@ -99,7 +104,10 @@ class AppendFile:
             self._timer = None
         if not self._buf:
             return
-        data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
+        if self.text:
+            data = "".join(self._buf).encode("utf-8", "replace")
+        else:
+            data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
         self._buf = []
         self._size = 0
         try:

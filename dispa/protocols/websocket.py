@@ -34,7 +34,8 @@ Rules:
    plus UTF-8 reason; a message (the sum of its fragments) is at most ``max_message_size``.
    RSV bits are not checked: they belong to extensions (permessage-deflate) negotiated
    between the two ends, which the proxy does not take part in. Text payloads are not
-   UTF-8-checked: that needs every payload byte and the endpoints do it anyway.
+   UTF-8-checked, by decision (docs/websocket.md, "UTF-8"): permessage-deflate payloads
+   cannot be checked in the middle, and the endpoints must check anyway.
 4. After a close frame the sender may send nothing more (§5.5.1): later bytes are dropped.
 
 Not yet measured: the cost per frame of the header parse in pure Python (one slice and a few

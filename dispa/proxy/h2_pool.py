@@ -25,6 +25,7 @@ import ssl
 import time
 from collections import deque
 
+from dispa.protocols.http2.grpc_health import h2_client_context  # noqa: F401 - re-export
 import h2.config
 import h2.connection
 import h2.events
@@ -38,27 +39,6 @@ log = logging.getLogger("dispa.h2.upstream")
 
 _WINDOW = 1 << 20  # per-stream receive window we offer upstreams
 _CONN_WINDOW = 16 << 20
-_contexts: dict[tuple, ssl.SSLContext] = {}
-
-
-def h2_client_context(spec: dict | None) -> ssl.SSLContext:
-    """A client TLS context offering ALPN h2 (settings of ``[tls.upstream]``)."""
-    spec = spec or {}
-    key = (bool(spec.get("verify", True)), spec.get("ca_file") or "",
-           spec.get("cert_file") or "", spec.get("key_file") or "")
-    ctx = _contexts.get(key)
-    if ctx is None:
-        ctx = ssl.create_default_context(cafile=key[1] or None)
-        if not key[0]:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        if key[2]:
-            ctx.load_cert_chain(key[2], key[3] or None)
-        ctx.set_alpn_protocols(["h2"])
-        _contexts[key] = ctx
-    return ctx
-
-
 class H2UpstreamConnection(asyncio.Protocol):
     """One client-side HTTP/2 connection to an upstream."""
 

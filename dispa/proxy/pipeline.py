@@ -30,6 +30,7 @@ from dispa.plugins.chain import (
 )
 from dispa.balancer.geo import client_ip as forwarded_client
 from dispa.routing.vhost import normalize_host
+from dispa.tls.acme.http01 import FILTER_NAME as ACME_HTTP01_FILTER
 
 log = logging.getLogger("dispa.routing")
 
@@ -107,6 +108,15 @@ class Pipeline:
         # Global request hooks may run for hosts that interception would reject.
         self.before_intercept = spec.apply_before_domain_match and bool(
             self.global_chain.on_request)
+        # A pending ACME HTTP-01 challenge (dispa/tls/acme/http01.py) is answered for any
+        # Host: such requests reach start(), which runs only the responder for them unless
+        # apply_before_domain_match asks for every global filter there anyway.
+        self.acme_http01 = None
+        acme = self.filters.get(ACME_HTTP01_FILTER)
+        if acme is not None and acme[1].is_global:
+            self.before_intercept = True
+            if not spec.apply_before_domain_match:
+                self.acme_http01 = acme[0]
         self.geo = None
         if spec.geo is not None and self.routes is not None:
             from dispa.balancer.geo import GeoRouter, GeoRouterConfig
@@ -140,7 +150,8 @@ class Pipeline:
         req.ctx["geo"] = choice.reason
         return choice[0] if choice else ""
 
-    def _request(self, head, host: bytes, target: bytes, client_ip: str, rid: bytes):
+    def _request(self, head, host: bytes, target: bytes, client_ip: str, rid: bytes,
+                 session=None):
         names = self.hostnames
         hostname = names.get(host)
         if hostname is None:
@@ -148,7 +159,12 @@ class Pipeline:
             if len(names) >= 4096:
                 names.clear()
             names[host] = hostname
-        return Request._of_head(_method(head.method), head, target, hostname, client_ip, rid)
+        req = Request._of_head(_method(head.method), head, target, hostname, client_ip, rid)
+        tls = getattr(session, "tls", None)
+        if tls is not None:  # a TLS listener: scheme and client certificate (docs/tls.md)
+            req.scheme = "https"
+            req.ctx["tls"] = tls.fields
+        return req
 
     def purge_cache(self, prefix: str | None, key: str | None, plugin: str | None) -> int:
         """Purge in every filter that has a cache (``purge``/``purge_key``); the count of
@@ -177,10 +193,12 @@ class Pipeline:
             xff = b", ".join([v for k, v in head.headers if k.lower() == b"x-forwarded-for"])
             if xff:
                 client_ip = forwarded_client(client_ip, xff, trusted.contains)
+        if not intercepted and self.acme_http01 is not None:
+            return self._acme_only(session, head, host, target, client_ip, rid)
         if self.request_only:
             # only sync on_request hooks, no routes: run them here and stay on the fast
             # path unless one answered or changed the request
-            req = self._request(head, host, target, client_ip, rid)
+            req = self._request(head, host, target, client_ip, rid, session)
             r = self.global_run(req)
             if r is None and intercepted and req.untouched():
                 return None
@@ -195,6 +213,18 @@ class Pipeline:
             plan.task = asyncio.ensure_future(plan.request_phase_async())
         else:
             plan.request_phase_sync()
+        return plan
+
+    def _acme_only(self, session, head, host: bytes, target: bytes, client_ip: str,
+                   rid: bytes) -> "Plan":
+        """A Host outside the interception while an HTTP-01 challenge is pending: the
+        responder's answer, else the usual rejection; no other filter sees the request."""
+        plan = Plan(self, session, head, host, target, False, client_ip, rid)
+        plan.chain = EMPTY_CHAIN
+        plan.response = self.acme_http01.on_request(plan.req)
+        if plan.response is None:
+            plan._route()  # not intercepted: the rejection
+        plan._settle()
         return plan
 
 
@@ -223,7 +253,7 @@ class Plan:
         self.session = session
         self.intercepted = intercepted
         self.req = req if req is not None else pipeline._request(head, host, target,
-                                                                  client_ip, rid)
+                                                                  client_ip, rid, session)
         self.chain = pipeline.global_chain
 
     # The phase is written twice (sync and async) so that a pipeline without async hooks

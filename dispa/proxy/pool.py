@@ -119,6 +119,7 @@ class Pool:
         self.connects = 0  # lifetime count, for metrics and tests
         self.reuses = 0
         self.retired = False  # no longer in any snapshot: busy connections close on release
+        self.tls = None  # tls.upstream.UpstreamTls for an https:// endpoint
 
     def take_idle(self) -> UpstreamConnection | None:
         """An idle connection that is still open, or None."""
@@ -139,10 +140,15 @@ class Pool:
         self.total += 1
         self.connects += 1
         conn = UpstreamConnection(self)
+        tls = self.tls
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: conn, self.host, self.port),
-                timeout_seconds)
+            if tls is None:
+                connecting = self.loop.create_connection(lambda: conn, self.host, self.port)
+            else:
+                connecting = self.loop.create_connection(
+                    lambda: conn, self.host, self.port, ssl=tls.context,
+                    server_hostname=tls.server_name, ssl_handshake_timeout=timeout_seconds)
+            await asyncio.wait_for(connecting, timeout_seconds)
         except asyncio.TimeoutError:
             self._forget_count(conn)
             raise UpstreamError("upstream connect timeout", status_hint=504,

@@ -32,6 +32,7 @@ from dispa.proxy.mirror import Mirrors
 from dispa.proxy.pipeline import Pipeline
 from dispa.proxy.protocol import Pool
 from dispa.routing.vhost import InterceptTable
+from dispa.tls.upstream import set_pool_tls, upstream_tls
 
 # How long a worker avoids an endpoint after a failed connect when no active health check
 # will tell it the endpoint is back (nginx's fail_timeout default is 10 s).
@@ -52,6 +53,9 @@ class ClusterRuntime:
         self.endpoints = spec.endpoints
         self.selector, self.hash_key = _selector(spec, state)
         self.pools = [state.pool_for(e.id, e.host, e.port, spec.pool) for e in spec.endpoints]
+        for e, pool in zip(spec.endpoints, self.pools):
+            # https:// endpoints connect with TLS (docs/tls.md); None: plain TCP
+            set_pool_tls(pool, upstream_tls(state.tls, e.id, e.host))
         self.healthy = [state.health.get(f"{spec.name}/{e.id}", True) for e in spec.endpoints]
         self.down_until = [0.0] * len(spec.endpoints)
         self._all_up = all(self.healthy)
@@ -116,7 +120,7 @@ class ClusterRuntime:
     def usable(self) -> bool:
         """Some endpoint is healthy and not passively marked down (geo failover)."""
         if self._all_up:
-            return True
+            return bool(self.endpoints)  # an empty (discovered) cluster is not usable
         now = time.monotonic()
         return any(h and d <= now for h, d in zip(self.healthy, self.down_until))
 
@@ -334,6 +338,7 @@ class WorkerState:
         self.health: dict[str, bool] = {}  # "cluster/endpoint_id" -> healthy
         self.plugin_stats = StatsRegistry(metrics)
         self.mirrors = Mirrors(metrics)
+        self.tls = None  # Snapshot.tls of the runtime being built (upstream TLS)
 
     def pool_for(self, endpoint_id: str, host: str, port: int, spec) -> Pool:
         key = (endpoint_id, spec)
@@ -368,6 +373,12 @@ class Runtime:
         # the client's one, so the upstream never sees two).
         self.drop_request = FORWARDING_HEADERS | {b"expect"} | (
             {self.request_id_header} if self.request_id_header else set())
+        # the client-certificate header is ours to set (TLS listener); never the client's
+        tls = snapshot.tls or {}
+        self.client_cert_header = (tls.get("client_cert_header") or "").encode("latin-1")
+        if self.client_cert_header:
+            self.drop_request = self.drop_request | {self.client_cert_header}
+        state.tls = snapshot.tls
         self.clusters = {c.name: ClusterRuntime(c, state) for c in snapshot.clusters}
         self.default_cluster = self.clusters[snapshot.default_cluster]
         # routing rules and filters; None keeps every request on the compiled fast path
@@ -384,6 +395,9 @@ class Runtime:
         # Last, once nothing else can fail: the log-phase sinks for this snapshot. None
         # when none is configured; the Session then builds no Exchange record at all.
         self.log_exchange = state.observers.configure(snapshot)
+        if state.metrics is not None:
+            obs = snapshot.observability or {}
+            state.metrics.configure_buckets(obs.get("histogram_buckets") or {})
 
     def set_health(self, key: str, healthy: bool) -> None:
         cluster_name, _, endpoint_id = key.partition("/")

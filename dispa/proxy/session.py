@@ -106,6 +106,7 @@ class Session(asyncio.Protocol):
         self.transport = None
         self.parser = None
         self.peer_ip = ""
+        self.tls = None  # tls.mtls.TlsInfo, set by tls.handshake before connection_made
         self.state = IDLE
         self.deadline = 0.0  # monotonic; 0 = none. Checked by the server's sweeper.
         self.read_paused = False
@@ -378,8 +379,11 @@ class Session(asyncio.Protocol):
         if headers is not None:
             head = _Edited(head, headers=headers)
         # upstream request head (phase 6): downstream headers minus hop-by-hop, plus ours
+        tls = self.tls
         extra = forwarding_headers(head, self.peer_ip, rt.trusted.contains(self.peer_ip), rt.via,
-                                   host=authority)
+                                   b"http" if tls is None else b"https", host=authority)
+        if tls is not None and tls.headers:
+            extra += tls.headers  # the client certificate (tls/mtls.py)
         drop = rt.drop_request
         if authority is not None:
             extra.insert(0, (b"Host", authority))
@@ -605,11 +609,8 @@ class Session(asyncio.Protocol):
                     finished = True
                     break
                 elif ev == UPGRADE:
-                    rest = parser.take_rest()
-                    if rest:
-                        out.append(rest)
                     self.transport.write(b"".join(out))
-                    self._start_tunnel()
+                    self._start_tunnel(parser.take_rest())
                     return
         except ProtocolError as exc:
             self._upstream_failed(UpstreamError(f"invalid upstream response: {exc}"),
@@ -977,11 +978,28 @@ class Session(asyncio.Protocol):
         self._resume_reading()
         self._process()  # pipelined requests already buffered
 
-    def _start_tunnel(self) -> None:
-        self.state = TUNNEL
+    def _start_tunnel(self, up_rest: bytes) -> None:
+        """After the upstream's 101: raw bytes both ways, or, for a WebSocket upgrade, hand
+        both connections to proxy/websocket.py (``up_rest``: upstream bytes after the 101)."""
         self.deadline = 0.0
         self._log_request(101)
         rest = self.parser.take_rest()
+        ws = getattr(self.server, "websocket", None)
+        if ws is not None and ws.wants(self.head):
+            # The tunnel takes over both transports (set_protocol) and the endpoint's
+            # in-flight count; this session ends here without closing anything.
+            up = self.upstream
+            up.owner = None
+            self.upstream = None
+            held, self.ep_held = self.ep_held, False
+            self.state = CLOSED
+            self.server.sessions.discard(self)
+            ws.take_over(self.server, self.transport, up, self.cluster,
+                         self.ep if held else -1, rest, up_rest, self.peer_ip)
+            return
+        self.state = TUNNEL
+        if up_rest:
+            self.transport.write(up_rest)
         if rest:
             self.upstream.transport.write(rest)
         self._resume_reading()

@@ -15,6 +15,7 @@ and the errors show in the log and in /admin/status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -26,16 +27,24 @@ from dispa import _native
 from dispa.admin.api import AdminServer
 from dispa.balancer.health import HealthChecker
 from dispa.config import LoadedConfig, load_config
+from dispa.discovery.registry import cluster_sources, self_instance
+from dispa.discovery.watcher import DiscoveryWatcher
 from dispa.errors import ConfigError, StartupError
 from dispa.observability import logs
 from dispa.observability.metrics import MetricsAggregator
+from dispa.observability.rotation import LogRotator
 from dispa.server import messages as m
 from dispa.server.listeners import probe_listeners
 from dispa.server.supervisor import Supervisor
+from dispa.tls.acme.service import AcmeService
+from dispa.tls.store import CertStore, with_tls
 
 log = logging.getLogger("dispa.master")
 
 CONFIG_POLL_SECONDS = 1.0
+# At start, how long to wait for the registries' first answers before starting workers
+# with the static endpoints (docs/discovery.md).
+INITIAL_DISCOVERY_SECONDS = 5.0
 
 # Exit codes
 EXIT_OK = 0
@@ -69,6 +78,8 @@ class Master:
         self.reloads_failed = 0
         self.last_reload: dict | None = None
         self.worker_resilience: dict = {}
+        self.worker_log_levels: dict = {}  # worker key -> level it reported
+        self.log_rotator = LogRotator(self.reopen_logs)  # access/traffic log files
         self.started_at = time.time()
         self.metrics = MetricsAggregator()
         self.health = HealthChecker(self._on_health_change)
@@ -80,6 +91,13 @@ class Master:
         self._signals_seen = 0
         self._config_fingerprint: tuple | None = None
         self._reload_lock = asyncio.Lock()
+        self.acme = AcmeService(self)  # [tls.acme]: issuance, renewal, challenges
+        self.tls_store = CertStore()  # [tls]: certificates for Snapshot.tls (docs/tls.md)
+        self._tls_committed: tuple | None = None
+        # Service discovery: the snapshot compiled from the file, and the watcher that
+        # merges discovered endpoints into it (self.loaded.snapshot is the merged one).
+        self.discovery: DiscoveryWatcher | None = None
+        self.file_snapshot = None
 
     # ------------------------------------------------------------------ helpers
     def worker_count(self) -> int:
@@ -130,11 +148,17 @@ class Master:
         self._stop = loop.create_future()
         if self.loaded is None:
             self.loaded = load_config(self.config_path)
+        self.loaded = self._with_tls(self.loaded)
         self._config_fingerprint = self._fingerprint()
         probe_listeners(self.loaded.static.listeners)
         self.admin = AdminServer(AdminView(self))
         if self.loaded.static.admin_listeners:
             await self.admin.start([(l.host, l.port) for l in self.loaded.static.admin_listeners])
+        self.loaded = await self._discover_into(self.loaded)
+        if self.discovery is not None and self.discovery.sources:
+            await self.discovery.wait_initial(INITIAL_DISCOVERY_SECONDS)
+            self.loaded = dataclasses.replace(
+                self.loaded, snapshot=self.discovery.merge(self.file_snapshot))
         self.health.configure(self.loaded.snapshot.clusters)
         for sig, action in SIGNALS.items():
             loop.add_signal_handler(sig, getattr(self, action))
@@ -145,16 +169,29 @@ class Master:
         log.info("dispa started", extra={"fields": {
             "workers": self.worker_count(), "version": self.loaded.snapshot.version,
             "listeners": [f"{l.host}:{l.port}" for l in self.loaded.static.listeners]}})
+        self._register_self()
+        self.acme.reconfigure(self.loaded)
+        self.log_rotator.configure(self.loaded.snapshot.observability)
         watcher = asyncio.ensure_future(self._watch_config())
+        tls_watcher = asyncio.ensure_future(self._watch_tls())
         try:
             graceful = await self._stop
         finally:
             watcher.cancel()
+            tls_watcher.cancel()
+        if self.discovery is not None:
+            # withdraw from the registry before the workers drain, so that clients stop
+            # being sent here while we still serve them
+            if graceful:
+                await self.discovery.deregister()
+            await self.discovery.stop()
+        await self.acme.close()
         self.health.close()
         if graceful:
             await self.supervisor.stop(self.loaded.static.shutdown_timeout_seconds)
         else:
             self.supervisor.kill_all()
+        await self.log_rotator.close()
         if self.admin is not None:
             await self.admin.close()
         log.info("dispa stopped", extra={"fields": {"exit_code": self.exit_code}})
@@ -175,7 +212,13 @@ class Master:
             os._exit(EXIT_ERROR)
 
     def on_reopen_signal(self) -> None:
-        log.info("SIGUSR1: log files reopened (logs go to stderr; nothing to reopen)")
+        # logrotate's postrotate: the workers flush and reopen the access/traffic log files
+        # (Dispa's own log goes to stderr: nothing to reopen there)
+        self.reopen_logs()
+        log.info("SIGUSR1: log files reopened")
+
+    def reopen_logs(self) -> None:
+        self.supervisor.broadcast(m.ReopenLogs())
 
     def _request_stop(self, *, graceful: bool) -> None:
         if self._stop is not None and not self._stop.done():
@@ -207,7 +250,16 @@ class Master:
                 for e in exc.errors:
                     log.error("config reload refused: %s", e.format())
                 return False
-            old = self.loaded
+            try:
+                new = self._with_tls(new)
+            except StartupError as exc:
+                self._reload_failed(reason, [{"message": str(exc)}])
+                log.error("config reload refused: %s", exc)
+                return False
+            old, old_file_snapshot = self.loaded, self.file_snapshot
+            # discovery: merged with the current sets; the watcher is reconfigured only
+            # once this reload has succeeded (a refused reload keeps the running sources)
+            new_file_snapshot, new = new.snapshot, self._with_discovered(new)
             static_changed = (new.static.listeners != old.static.listeners
                               or new.static.workers != old.static.workers)
             if static_changed:
@@ -218,7 +270,8 @@ class Master:
                     self._reload_failed(reason, [{"message": str(exc)}])
                     log.error("config reload refused: %s", exc)
                     return False
-            self.loaded = new
+            new = dataclasses.replace(new, snapshot=self.acme.snapshot_for(new.snapshot))
+            self.loaded, self.file_snapshot = new, new_file_snapshot
             if new.log_level != old.log_level and self.log_level_override is None:
                 self.set_log_level(new.log_level)
             self.health.configure(new.snapshot.clusters)
@@ -226,7 +279,7 @@ class Master:
                 try:
                     previous = await self.supervisor.start_generation(self.worker_count())
                 except RuntimeError as exc:
-                    self.loaded = old
+                    self.loaded, self.file_snapshot = old, old_file_snapshot
                     self.health.configure(old.snapshot.clusters)
                     self._reload_failed(reason, [{"message": f"new workers failed: {exc}"}])
                     log.error("config reload refused: new workers failed: %s", exc)
@@ -235,9 +288,14 @@ class Master:
                 errors = []
             else:
                 errors = await self.supervisor.apply(new.snapshot)
+            await self._commit_discovery(new)
+            if self.discovery is not None:  # a changed [service_discovery.register]
+                await self.discovery.set_registration(*self._registration(new))
             if errors:
                 log.error("snapshot %s not applied everywhere: %s", new.snapshot.version, errors)
             self.config_errors = [{"message": e} for e in errors]
+            self.acme.reconfigure(new)
+            self.log_rotator.configure(new.snapshot.observability)
             self.reloads_ok += 1
             self.last_reload = {"at": time.time(), "reason": reason, "ok": not errors,
                                 "version": new.snapshot.version,
@@ -247,7 +305,139 @@ class Master:
                 "rolling_restart": static_changed}})
             return True
 
+    # ------------------------------------------------------------------ TLS certificates
+    def _with_tls(self, loaded: LoadedConfig) -> LoadedConfig:
+        """``loaded`` with its certificates read and validated into ``Snapshot.tls``
+        (docs/tls.md); StartupError when TLS is on and no certificate is usable."""
+        store = self.tls_store
+        previous = (store.config, store.compiled)
+        store.configure(loaded.model.tls, loaded.snapshot.tls)
+        store.refresh(force=True)
+        store.rotate_ticket_keys()
+        if store.enabled and not store.certificates() and not loaded.model.tls.acme.enabled:
+            store.configure(*previous)
+            errors = "; ".join(e["error"] for e in store.errors()) or "none configured"
+            raise StartupError(f"TLS is enabled but no certificate is usable: {errors}")
+        self._tls_committed = (store.config, store.compiled)
+        self.health.tls = loaded.snapshot.tls  # https:// endpoints are probed with TLS
+        # target groups of [[l4.listeners]] get TCP connect checks (docs/l4.md)
+        self.health.tcp_clusters = frozenset(
+            lst["target_group"] for lst in ((loaded.snapshot.l4 or {}).get("listeners") or []))
+        # upstream HTTP/2 target groups speak gRPC: grpc.health.v1 checks (docs/grpc.md)
+        self.health.grpc_clusters = frozenset(
+            c.name for c in loaded.snapshot.clusters if c.protocol in ("h2", "h2c"))
+        return dataclasses.replace(loaded, snapshot=with_tls(loaded.snapshot, store.payload()))
+
+    async def _watch_tls(self) -> None:
+        """Poll certificate files and rotate ticket keys; publish what changed."""
+        while True:
+            cfg = self.tls_store.config
+            await asyncio.sleep(cfg.reload_interval if cfg is not None else 2.0)
+            if self.tls_store.enabled:
+                await self.reload_certificates()
+
+    async def reload_certificates(self) -> bool:
+        """Look at the certificate files now (ACME calls this after writing a pair);
+        publish a snapshot when something changed. True when one was published."""
+        store = self.tls_store
+        changed = store.refresh()
+        changed = store.rotate_ticket_keys() or changed
+        changed = await store.refresh_ocsp() or changed
+        if not changed:
+            return False
+        return await self.publish_tls()
+
+    async def tls_rollback(self, cert_file: str) -> dict:
+        """``POST /admin/tls/rollback``: the previous version of ``cert_file`` serves
+        again until its files change; raises LookupError / ValueError (404 / 409)."""
+        if not self.tls_store.enabled:
+            raise LookupError("TLS is not enabled")
+        result = self.tls_store.rollback(cert_file)
+        result["applied"] = await self.publish_tls()
+        return result
+
+    async def publish_tls(self) -> bool:
+        """Send the store's current ``Snapshot.tls`` to every worker."""
+        async with self._reload_lock:
+            if self.supervisor.stopping:
+                return False
+            payload = self.tls_store.payload()
+            if self.file_snapshot is not None:
+                self.file_snapshot = with_tls(self.file_snapshot, payload)
+            snapshot = with_tls(self.loaded.snapshot, payload)
+            if snapshot.version == self.loaded.snapshot.version:
+                return False
+            self.loaded = dataclasses.replace(self.loaded, snapshot=snapshot)
+            errors = await self.supervisor.apply(snapshot)
+        if errors:
+            log.error("certificate snapshot %s not applied everywhere: %s",
+                      snapshot.version, errors)
+        else:
+            log.info("certificates applied", extra={"fields": {"version": snapshot.version}})
+        return not errors
+
+    # ------------------------------------------------------------------ discovery
+    async def _discover_into(self, loaded: LoadedConfig) -> LoadedConfig:
+        """Start or reconfigure the discovery watcher for ``loaded``; return it with the
+        current discovered endpoints merged into its snapshot."""
+        self.file_snapshot = loaded.snapshot
+        await self._commit_discovery(loaded)
+        if self.discovery is None:
+            return loaded
+        return dataclasses.replace(loaded, snapshot=self.discovery.merge(loaded.snapshot))
+
+    def _with_discovered(self, loaded: LoadedConfig) -> LoadedConfig:
+        """``loaded`` (a reload, not yet in force) with the current discovered sets merged
+        in, bound by its own sources; the watcher is left as it is."""
+        if self.discovery is None:
+            return loaded
+        return dataclasses.replace(loaded, snapshot=self.discovery.merge_for(
+            loaded.model.service_discovery, cluster_sources(loaded.model), loaded.snapshot))
+
+    async def _commit_discovery(self, loaded: LoadedConfig) -> None:
+        """Start or reconfigure the discovery watcher for ``loaded``, now in force."""
+        settings = loaded.model.service_discovery
+        sources = cluster_sources(loaded.model)
+        if self.discovery is None:
+            if not sources and (settings is None or settings.register is None):
+                return
+            self.discovery = DiscoveryWatcher(settings, sources, self._publish_discovered)
+            await self.discovery.start()
+        else:
+            await self.discovery.reconfigure(settings, sources)
+
+    async def _publish_discovered(self) -> None:
+        """The watcher's publish step: merge, then apply to the workers and the checker."""
+        async with self._reload_lock:
+            if self.supervisor.stopping or self.file_snapshot is None:
+                return
+            snapshot = self.acme.snapshot_for(self.discovery.merge(self.file_snapshot))
+            if snapshot.version == self.loaded.snapshot.version:
+                return
+            self.loaded = dataclasses.replace(self.loaded, snapshot=snapshot)
+            self.health.configure(snapshot.clusters)
+            errors = await self.supervisor.apply(snapshot)
+            if errors:
+                log.error("snapshot %s not applied everywhere: %s", snapshot.version, errors)
+            log.info("discovered endpoints applied", extra={"fields": {
+                "version": snapshot.version}})
+
+    @staticmethod
+    def _registration(loaded: LoadedConfig) -> tuple:
+        """``(Instance or None, provider kind)`` that ``[service_discovery.register]`` asks for."""
+        sd = loaded.model.service_discovery
+        if sd is None or sd.register is None:
+            return None, ""
+        return self_instance(sd.register, loaded.static), sd.register.provider or sd.provider
+
+    def _register_self(self) -> None:
+        instance, kind = self._registration(self.loaded)
+        if self.discovery is not None and instance is not None:
+            self.discovery.start_registration(instance, kind)
+
     def _reload_failed(self, reason: str, errors: list[dict]) -> None:
+        if self._tls_committed is not None:  # the certificate store goes back as well
+            self.tls_store.configure(*self._tls_committed)
         self.reloads_failed += 1
         self.config_errors = errors
         self.last_reload = {"at": time.time(), "reason": reason, "ok": False, "errors": errors}
@@ -257,19 +447,25 @@ class Master:
         """Before /admin/status: fetch the workers' resilience state when some cluster has
         breakers, ejection, a retry budget or a latency-aware balancer."""
         if any(c.breaker or c.group_breaker or c.outlier or c.retry_budget
-               or c.lb == "peak_ewma" for c in self.loaded.snapshot.clusters):
+               or c.lb == "peak_ewma" for c in self.loaded.snapshot.clusters) or \
+                set(self.worker_log_levels) != {h.key for h in self.supervisor.live()}:
+            # (also when a worker has not reported its log level yet: new or respawned)
             await self._gather_metrics()
 
     async def _gather_metrics(self) -> list:
         resilience = {}
+        levels = {}
         for key, export in (await self.supervisor.collect_stats()).items():
             if isinstance(export, dict) and export.get("resilience"):
                 resilience[key] = export["resilience"]
+            if isinstance(export, dict) and export.get("log_level"):
+                levels[key] = export["log_level"]
             try:
                 self.metrics.update(key, export)
             except ValueError as exc:  # one bad export must not break the scrape
                 log.warning("ignoring malformed stats from worker %s: %s", key, exc)
         self.worker_resilience = resilience
+        self.worker_log_levels = levels
         gauges = []
         health = self.health.health_map()
         for c in self.loaded.snapshot.clusters:
@@ -287,6 +483,10 @@ class Master:
         restarts = sum(self.supervisor.restarts.values())
         gauges.append(("dispa_worker_restarts_total", "Workers replaced after dying", {},
                        float(restarts)))
+        if self.discovery is not None:
+            gauges += self.discovery.gauges(self.loaded.snapshot)
+        gauges += self.acme.gauges()
+        gauges += self.tls_store.expiry_gauges()
         return gauges
 
     async def metrics_text(self) -> str:
@@ -313,6 +513,13 @@ class Master:
             "health": {k: v for k, v in self.health.details.items()},
             # per worker (each keeps its own breakers): {worker: {cluster: state}}
             "resilience": self.worker_resilience,
+            # per cluster: endpoints in the snapshot in force, the latest set, pending
+            "discovery": (self.discovery.status(lc.snapshot, self.file_snapshot)
+                          if self.discovery is not None else None),
+            # as each worker last reported it (refreshed right after a change)
+            "log_level": {"master": logs.get_level(), "workers": self.worker_log_levels},
+            "acme": self.acme.status(),
+            "tls": self.tls_store.status() if self.tls_store.compiled else None,
             **self.extra_status,
         }
 
@@ -328,6 +535,8 @@ class Master:
     def set_log_level(self, level: str) -> None:
         logs.set_level(level)
         self.supervisor.broadcast(m.SetLogLevel(level=logs.get_level()))
+        # ask the workers back so /admin/status shows the level each one now runs at
+        asyncio.ensure_future(self._gather_metrics())
 
     def purge_cache(self, prefix: str | None, key: str | None, plugin: str | None) -> dict:
         """Ask every worker to purge its response caches (each worker has its own)."""
@@ -353,6 +562,7 @@ class AdminView:
         self.set_log_level = master.set_log_level
         self.purge_cache = master.purge_cache
         self.refresh_status = master.refresh_status
+        self.tls_rollback = master.tls_rollback
 
 
 SIGNALS = {

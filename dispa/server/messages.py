@@ -1,6 +1,7 @@
 """Messages on the master <-> worker channel (tagged msgspec Structs).
 
-Master -> worker: Init, ApplySnapshot, HealthUpdate, StatsRequest, Drain, SetLogLevel.
+Master -> worker: Init, ApplySnapshot, HealthUpdate, StatsRequest, Drain, SetLogLevel,
+ReopenLogs.
 Worker -> master: Ready, Ack, Nack, Stats, Passive.
 
 Every message is one msgpack frame (see ``channel.py``). The tag is the class name, so a
@@ -52,6 +53,10 @@ class SetLogLevel(msgspec.Struct, tag=True, frozen=True):
     level: str
 
 
+class ReopenLogs(msgspec.Struct, tag=True, frozen=True):
+    """SIGUSR1 or a rotation by the master: flush and reopen the log files."""
+
+
 class PurgeCache(msgspec.Struct, tag=True, frozen=True):
     """Remove cached responses in every cache filter of the worker: ``key`` exactly, or
     every key starting with ``prefix`` ("" empties it); ``plugin`` limits it to one."""
@@ -95,5 +100,6 @@ class Fatal(msgspec.Struct, tag=True, frozen=True):
     error: str
 
 
-ToWorker = Init | ApplySnapshot | HealthUpdate | StatsRequest | Drain | SetLogLevel | PurgeCache
+ToWorker = Init | ApplySnapshot | HealthUpdate | StatsRequest | Drain | SetLogLevel | PurgeCache \
+    | ReopenLogs
 ToMaster = Ready | Ack | Nack | Stats | Passive | Fatal

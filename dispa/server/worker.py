@@ -29,11 +29,18 @@ from dispa.observability import logs
 from dispa.observability.metrics import WorkerMetrics
 from dispa.proxy.runtime import WorkerState, build_runtime
 from dispa.proxy.protocol import RequestIds, Session
+from dispa.proxy.websocket import WebSocketProxy
+from dispa.l4.manager import L4Manager
 from dispa.routing.vhost import normalize_host
 from dispa.server import messages as m
 from dispa.server.channel import open_channel
 from dispa.server.listeners import bind_listener
+from dispa.server.detect import Detect
+from dispa.proxy.h2_session import H2Session
+from dispa.protocols.http2 import limits_from as h2_limits_from
 from dispa.errors import StartupError
+from dispa.tls.context import TlsServer
+from dispa.tls.handshake import HANDSHAKE_ERRORS, HANDSHAKES, TlsAccept
 
 log = logging.getLogger("dispa.worker")
 
@@ -53,7 +60,25 @@ class DataPlane:
         self.state = WorkerState(loop, self.metrics, init.worker_id)
         self.state.health.update(init.health)
         self.runtime = build_runtime(init.snapshot, self.state)
+        # TLS listeners: contexts per server name, rebuilt when Snapshot.tls changes
+        self.tls = TlsServer(self.metrics)
+        self.session_factory = lambda: Session(self)
+        # [http2]: limits of downstream HTTP/2 connections; None = HTTP/2 off (docs/http2.md)
+        self.h2_limits = h2_limits_from(getattr(init.snapshot, "http2", None))
+        self.h2_session_factory = lambda: H2Session(self, self.h2_limits)
+        if any(spec.tls for spec in init.static.listeners):
+            self.metrics.set_help(HANDSHAKES, "counter", "TLS handshakes completed, by version")
+            self.metrics.set_help(HANDSHAKE_ERRORS, "counter",
+                                  "TLS handshakes that failed, by reason")
+            try:
+                self.tls.update(init.snapshot.tls, init.snapshot.acme_challenges)
+            except Exception as exc:  # noqa: BLE001 - serve plain HTTP; TLS says why
+                log.error("TLS contexts not built: %s", exc)
         self.sessions: set[Session] = set()
+        # WebSocket upgrades: sessions hand their connections to it after the 101
+        self.websocket = WebSocketProxy(self.metrics)
+        self.websocket.configure(init.snapshot.websocket)
+        self.l4 = L4Manager(self)  # [[l4.listeners]]: TCP/UDP proxying (dispa/l4)
         self.draining = False
         self.slowdown_us = init.slowdown_us
         self.servers: list[asyncio.AbstractServer] = []
@@ -87,10 +112,16 @@ class DataPlane:
     async def start(self) -> None:
         sockets = [bind_listener(spec) for spec in self.static.listeners]
         for sock, spec in zip(sockets, self.static.listeners):
-            srv = await self.loop.create_server(lambda: Session(self), sock=sock,
+            factory = (lambda: TlsAccept(self)) if spec.tls else self._plain_protocol
+            srv = await self.loop.create_server(factory, sock=sock,
                                                 backlog=spec.backlog)
             self.servers.append(srv)
+        await self.l4.start(self.runtime.snapshot.l4)
         self.loop.create_task(self._sweeper())
+
+    def _plain_protocol(self):
+        # with HTTP/2 on, the first bytes decide: h2c preface, Upgrade: h2c, TLS or HTTP/1
+        return Detect(self) if self.h2_limits is not None else Session(self)
 
     async def _sweeper(self) -> None:
         last_pool_sweep = time.monotonic()
@@ -122,8 +153,10 @@ class DataPlane:
                 self.runtime.set_health(key, healthy)
         elif isinstance(msg, m.StatsRequest):
             self.metrics.set_gauge("dispa_active_connections", (), len(self.sessions))
+            self._pool_gauges()
             resilience = self._resilience()
             export = self.metrics.export()
+            export["log_level"] = logs.get_level()  # shown per worker in /admin/status
             if resilience:
                 export["resilience"] = resilience
             self.channel.send(m.Stats(seq=msg.seq, export=export))
@@ -134,12 +167,36 @@ class DataPlane:
                 logs.set_level(msg.level)
             except ValueError:
                 log.warning("ignoring unknown log level %r", msg.level)
+        elif isinstance(msg, m.ReopenLogs):
+            for sink in self.state.observers.sinks:  # access log, traffic log files
+                reopen = getattr(sink, "reopen", None)
+                if reopen is not None:
+                    try:
+                        reopen()
+                    except Exception:  # noqa: BLE001 - one sink must not stop the others
+                        log.exception("reopening log files failed")
         elif isinstance(msg, m.PurgeCache):
             pipeline = self.runtime.pipeline
             if pipeline is not None:
                 n = pipeline.purge_cache(msg.prefix, msg.key, msg.plugin)
                 log.info("cache purge", extra={"fields": {"prefix": msg.prefix, "key": msg.key,
                                                           "removed": n}})
+
+    def _pool_gauges(self) -> None:
+        """Upstream pool usage per endpoint: idle and in-use connections (summed over
+        workers by the master)."""
+        per_ep: dict[str, list] = {}
+        for (endpoint_id, _spec), pool in self.state.pools.items():
+            acc = per_ep.setdefault(endpoint_id, [0, 0])
+            idle = len(pool.idle)
+            acc[0] += idle
+            acc[1] += max(0, pool.total - idle)
+        self.metrics.clear_gauges("dispa_upstream_pool_connections")
+        for endpoint_id, (idle, busy) in per_ep.items():
+            self.metrics.set_gauge("dispa_upstream_pool_connections",
+                                   (("endpoint", endpoint_id), ("state", "idle")), idle)
+            self.metrics.set_gauge("dispa_upstream_pool_connections",
+                                   (("endpoint", endpoint_id), ("state", "in_use")), busy)
 
     def _resilience(self) -> dict:
         """Breaker, ejection and retry-budget state of the clusters that track outcomes,
@@ -171,11 +228,16 @@ class DataPlane:
             return
         try:
             runtime = build_runtime(snapshot, self.state)
+            if any(spec.tls for spec in self.static.listeners):
+                self.tls.update(snapshot.tls, snapshot.acme_challenges)
         except Exception as exc:  # noqa: BLE001 - any failure is a NACK, never a crash
             log.error("snapshot %s refused: %s", snapshot.version, exc)
             self.channel.send(m.Nack(version=snapshot.version, error=str(exc)))
             return
         old, self.runtime = self.runtime, runtime  # the swap: one reference, between requests
+        self.h2_limits = h2_limits_from(getattr(snapshot, "http2", None))
+        self.websocket.configure(snapshot.websocket)
+        self.l4.update(snapshot.l4)
         if old.pipeline is not None:
             # requests in flight may still use the old filters: close them later
             self.loop.call_later(old.proxy.request_timeout_seconds + 1.0, old.pipeline.close)
@@ -190,6 +252,7 @@ class DataPlane:
                                                "deadline_seconds": deadline_seconds}})
         for srv in self.servers:
             srv.close()
+        self.l4.drain(deadline_seconds)
         for s in list(self.sessions):
             s.drain()
         if not self.sessions and not self.done.done():

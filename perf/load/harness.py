@@ -45,7 +45,27 @@ BODY64 = "d" * 63 + "\n"          # 64 bytes
 BODY4K = "k" * 4096                # 4096 bytes (served as two 2048-byte halves)
 
 ALL_SCENARIOS = ["ka64", "ka4k", "conn", "lat2k", "mem"]
-KNOWN_PROXIES = ["dispa", "nginx", "haproxy", "dispa-filters"]
+KNOWN_PROXIES = ["dispa", "nginx", "haproxy", "dispa-filters", "dispa-tracing-1pct",
+                 "dispa-access-log"]
+# "dispa-tracing-1pct": Dispa with [observability.tracing] at sampling_rate = 0.01, exporting
+# OTLP/HTTP to tests/support/otlp_receiver.py; its ratio to "dispa" in the same run is the
+# cost of tracing (issue #10: throughput >= 0.95). docs/tracing.md#overhead.
+TRACING_1PCT = """
+[observability.tracing]
+enabled = true
+exporter = "otlp_http"
+endpoint = "http://127.0.0.1:{receiver_port}/v1/traces"
+sampling_rate = 0.01
+"""
+# "dispa-access-log": Dispa writing the combined-format access log (docs/logging.md#cost).
+ACCESS_LOG = """
+[logging.file]
+directory = "{directory}"
+[logging.access_log]
+enabled = true
+format = "combined"
+"""
+VARIANTS_OF_DISPA = ("dispa-filters", "dispa-tracing-1pct", "dispa-access-log")
 # "dispa-filters": Dispa with FILTER_COUNT no-op sync filters in the global chain; its
 # ratio to "dispa" in the same run is the filter API's cost (issue: >= 0.85 throughput).
 FILTER_COUNT = 10
@@ -410,7 +430,8 @@ def default_dispa_cmd() -> str:
 
 
 def make_dispa(tmp: str, layout: Layout, workers: int, backend_port: int, dispa_cmd: str | None,
-               env: dict | None = None, name: str = "dispa", filters: int = 0) -> Server:
+               env: dict | None = None, name: str = "dispa", filters: int = 0,
+               extra: str = "") -> Server:
     """Dispa (or a stand-in) in the dispa slot.
 
     ``dispa_cmd`` is a shell-style template with {config} {workers} {port} {backend_port}
@@ -433,6 +454,7 @@ def make_dispa(tmp: str, layout: Layout, workers: int, backend_port: int, dispa_
     for i in range(filters):
         text += (f'\n[[plugins.plugins]]\nname = "noop{i}"\n'
                  'type = "tests.support.filters:Noop"\n')
+    text += extra
     Path(conf).write_text(text)
     tpl = dispa_cmd or default_dispa_cmd()
     cmd = [a.format(config=conf, workers=workers, port=port, backend_port=backend_port, python=sys.executable)
@@ -583,6 +605,17 @@ def start_servers(cfg: Config, layout: Layout, tmp: str, workers: int) -> tuple[
         elif name == "dispa-filters":
             s = make_dispa(tmp, layout, workers, backend.port, None, cfg.dispa_env,
                            name="dispa-filters", filters=FILTER_COUNT)
+        elif name == "dispa-tracing-1pct":
+            receiver = make_otlp_receiver(tmp, layout)
+            log(f"starting otlp-receiver on :{receiver.port}")
+            if not receiver.start(cfg.ready_timeout):
+                log(f"otlp-receiver FAILED: {receiver.error}")
+            servers["otlp-receiver"] = receiver  # stopped with the proxies, never measured
+            s = make_dispa(tmp, layout, workers, backend.port, None, cfg.dispa_env,
+                           name=name, extra=TRACING_1PCT.format(receiver_port=receiver.port))
+        elif name == "dispa-access-log":
+            s = make_dispa(tmp, layout, workers, backend.port, None, cfg.dispa_env, name=name,
+                           extra=ACCESS_LOG.format(directory=os.path.join(tmp, name)))
         else:
             raise ValueError(f"unknown proxy {name}")
         log(f"starting {name}: {' '.join(s.cmd)} on :{s.port} cpus {s.cpus}")
@@ -592,6 +625,18 @@ def start_servers(cfg: Config, layout: Layout, tmp: str, workers: int) -> tuple[
             log(f"{name} FAILED: {s.error}")
         servers[name] = s
     return backend, servers
+
+
+def make_otlp_receiver(tmp: str, layout: Layout) -> Server:
+    """tests/support/otlp_receiver.py as a process (counts spans, keeps none), on the load
+    CPUs: at 1 % sampling it receives a few export requests per second."""
+    prefix = os.path.join(tmp, "otlp-receiver")
+    os.makedirs(prefix, exist_ok=True)
+    port = free_port()
+    env = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return Server("otlp-receiver", [sys.executable, "-m", "tests.support.otlp_receiver",
+                                    "--port", str(port)], port, layout.cpuset("load"), env=env,
+                  workdir=prefix)
 
 
 def run_rounds(cfg: Config, on_round: Callable[[int, dict], None] | None = None) -> dict:
@@ -717,7 +762,7 @@ def summarize(doc: dict) -> tuple[dict, dict]:
         for ref in ("nginx", "haproxy", "dispa"):
             if ref == n or ref not in series or n == "direct":
                 continue
-            if ref == "dispa" and n != "dispa-filters":
+            if ref == "dispa" and n not in VARIANTS_OF_DISPA:
                 continue
             for sc, ks in scs.items():
                 for k, vals in ks.items():
@@ -765,7 +810,8 @@ def markdown(doc: dict) -> str:
         if p["status"] != "ok":
             lines.append(f"**{n}: {p['status'].upper()}** — {p['error'][:300]}")
     lines.append("")
-    order = [n for n in ["dispa", "nginx", "haproxy", "direct"] if n in doc["summary"]]
+    order = [n for n in ["dispa", "nginx", "haproxy", "direct", *VARIANTS_OF_DISPA]
+             if n in doc["summary"]]
     for sc in cfgd["scenarios"]:
         rows = []
         for n in order:
@@ -800,6 +846,18 @@ def markdown(doc: dict) -> str:
                 v = doc["scaling"][w].get(n, {}).get("rps", {}).get("median")
                 cells.append(_fmt(v))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    variants = [(n, sc, k, r) for n in VARIANTS_OF_DISPA
+                for sc, ks in doc["ratios"].get(n, {}).get("vs_dispa", {}).items()
+                for k, r in ks.items() if k in ("rps", "cpu_us_per_req")]
+    if variants:
+        lines.append("### Dispa variants vs dispa (same run)")
+        lines.append("")
+        lines.append("| variant | scenario | metric | ratio (median) | per round |")
+        lines.append("|---|---|---|---:|---|")
+        for n, sc, k, r in variants:
+            per = ", ".join(f"{x:.3f}" for x in r["per_round"])
+            lines.append(f"| {n} | {sc} | {k} | {r['median']:.3f} | {per} |")
         lines.append("")
     lines.append("Ratios are medians of per-round ratios (proxy / reference in the same round). "
                  "cpu_us_per_req = utime+stime of the proxy's process tree / requests completed. "

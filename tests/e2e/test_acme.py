@@ -314,7 +314,7 @@ def test_tls_alpn01_validation_certificate_is_accepted_by_pebble(ca, tmp_path):
 def test_renewal_happens_at_two_thirds_of_the_lifetime(ca, tmp_path):
     store = tmp_path / "store"
     cfg = config(ca, store, challenge_type="dns-01", names=["renew.acme.test"],
-                 dns01=rfc2136(ca))
+                 dns01=rfc2136(ca), revoke_replaced=True)
     clock = Clock()
 
     async def main():
@@ -336,6 +336,11 @@ def test_renewal_happens_at_two_thirds_of_the_lifetime(ca, tmp_path):
     m, old_serial = asyncio.run(main())
     assert m.renewals == {"ok": 2, "failed": 0}
     assert m.certs[0].serial != old_serial
+    # revoke_replaced: the first certificate was revoked as superseded, the new one not
+    assert m.revocations == {"ok": 1, "failed": 0}
+    old_status = ca.pebble.cert_status(old_serial)
+    assert old_status["Status"] == "Revoked" and old_status.get("Reason") == 4, old_status
+    assert ca.pebble.cert_status(m.certs[0].serial)["Status"] == "Valid"
     chain, key, _ = read_pair(store, "renew.acme.test")
     assert chain[0].serial_number == m.certs[0].serial
     assert_issued_by_pebble(ca, chain, key, ["renew.acme.test"])
@@ -412,3 +417,200 @@ async def _etcd_get(cfg, key):
         return await s.get(key)
     finally:
         await s.close()
+
+
+EAB_KID = "kid-dispa"
+EAB_KEY = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"  # base64url
+
+
+def test_external_account_binding_is_sent_when_configured(ca, tmp_path):
+    # a pebble that refuses accounts without a binding to one of its MAC keys
+    pb = Pebble(tmp_path / "pebble-eab", dns_port=ca.ns.port, tls_port=ca.alpn.port,
+                eab_keys={EAB_KID: EAB_KEY})
+    try:
+        base = dict(directory_url=pb.directory_url, ca_bundle=str(pb.ca_bundle),
+                    challenge_type="dns-01", dns01=rfc2136(ca))
+        store = tmp_path / "store"
+        cfgs = {
+            "none": config(ca, tmp_path / "none", names=["eab0.acme.test"], **base),
+            "wrong": config(ca, tmp_path / "wrong", names=["eab1.acme.test"], eab_kid=EAB_KID,
+                            eab_hmac_key=EAB_KEY[::-1], **base),
+            "good": config(ca, store, names=["eab2.acme.test"], eab_kid=EAB_KID,
+                           eab_hmac_key=EAB_KEY, **base),
+            # the stored account again (newAccount answers 200 for a known key)
+            "again": config(ca, store, names=["eab3.acme.test"], eab_kid=EAB_KID,
+                            eab_hmac_key=EAB_KEY, **base),
+        }
+
+        async def main():
+            out = {}
+            for k, cfg in cfgs.items():
+                m = AcmeManager(cfg, publish=_quiet)
+                try:
+                    await m.run_once()
+                finally:
+                    await m.close()
+                out[k] = m
+            return out
+
+        ms = asyncio.run(main())
+    finally:
+        pb.stop()
+    assert ms["none"].renewals == {"ok": 0, "failed": 1}
+    assert "externalAccountRequired" in ms["none"].certs[0].last_error, ms["none"].status()
+    assert ms["wrong"].renewals == {"ok": 0, "failed": 1}, ms["wrong"].status()
+    assert ms["good"].renewals == {"ok": 1, "failed": 0}, (ms["good"].status(), pb.log())
+    assert ms["again"].renewals == {"ok": 1, "failed": 0}, ms["again"].status()
+    accounts = list((store / "accounts").glob("*/account.json"))
+    assert len(accounts) == 1
+    assert EAB_KEY not in accounts[0].read_text()  # configuration, never stored
+
+
+def test_closing_during_an_order_is_prompt_and_leaves_nothing_talking_to_the_ca(ca, tmp_path):
+    # pebble validates HTTP-01 on its http_port: a listener that accepts and never answers
+    # keeps the authorisation pending, so the client is polling when the manager closes
+    hold = socket.create_server(("127.0.0.1", ca.pebble.http_port))
+    held = []
+    published = []
+    cfg = config(ca, tmp_path / "store", challenge_type="http-01", names=["hang.acme.test"],
+                 order_timeout=60.0)
+
+    async def publish(challenges):
+        published.append(challenges)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        hold.setblocking(False)
+        m = AcmeManager(cfg, publish=publish)
+        m.start()
+        conn, _ = await asyncio.wait_for(loop.sock_accept(hold), 30)  # pebble validating
+        held.append(conn)
+        # and the client polls the authorisation (pebble logs each request it serves)
+        end = loop.time() + 10
+        while "POST /authZ/" not in ca.pebble.log().rpartition("POST /chalZ/")[2]:
+            assert loop.time() < end, ca.pebble.log()
+            await asyncio.sleep(0.05)  # polling a log file: nothing to wait on instead
+        pid = m.client.pid  # the issuer process (dispa/tls/acme/issuer.py)
+        assert pid is not None
+        t0 = loop.time()
+        await m.close()
+        return m, loop.time() - t0, pid
+
+    try:
+        m, took, pid = asyncio.run(main())
+        assert took < 3.0, took
+        assert published[0]["http01"] and published[-1] is None  # the token was withdrawn
+        assert m.renewals == {"ok": 0, "failed": 0}
+        # the issuer process is gone although the validation still hangs (pebble gives up
+        # on the silent listener only 3 s after it connected): nothing talks to the CA
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert m.client.pid is None
+    finally:
+        for conn in held:
+            conn.close()
+        hold.close()
+
+
+def test_a_crashed_issuer_process_is_a_counted_failure_and_its_challenge_is_withdrawn(
+        ca, tmp_path):
+    import signal
+
+    hold = socket.create_server(("127.0.0.1", ca.pebble.http_port))  # as above
+    held = []
+    published = []
+    cfg = config(ca, tmp_path / "store", challenge_type="http-01", names=["crash.acme.test"])
+
+    async def publish(challenges):
+        published.append(challenges)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        hold.setblocking(False)
+        m = AcmeManager(cfg, publish=publish)
+        try:
+            round_ = asyncio.ensure_future(m.run_once())
+            conn, _ = await asyncio.wait_for(loop.sock_accept(hold), 30)  # validating
+            held.append(conn)
+            os.kill(m.client.pid, signal.SIGKILL)  # the OOM killer, say
+            await asyncio.wait_for(round_, 10)
+            return m
+        finally:
+            await m.close()
+
+    try:
+        m = asyncio.run(main())
+    finally:
+        for conn in held:
+            conn.close()
+        hold.close()
+    assert m.renewals == {"ok": 0, "failed": 1}
+    assert "issuer process ended" in m.certs[0].last_error, m.certs[0].last_error
+    assert published[0]["http01"] and published[-1] is None  # withdrawn by the master
+    assert not (tmp_path / "store" / "certs").exists()
+
+
+def test_etcd_lock_is_kept_alive_while_held_and_expires_when_its_holder_dies(tmp_path):
+    etcd = EtcdServer(tmp_path / "etcd").start()
+    ttl = 3  # keepalives every second: 2 s of slack for a loaded machine
+
+    async def main():
+        a = EtcdStorage([etcd.url], prefix="/t/lock/", lock_ttl=ttl, owner="a")
+        b = EtcdStorage([etcd.url], prefix="/t/lock/", lock_ttl=ttl, owner="b")
+        loop = asyncio.get_running_loop()
+        try:
+            held = await a.try_lock()
+            assert held is not None
+            # held (kept alive) for well over its TTL: b never gets it
+            end = loop.time() + 2 * ttl
+            while loop.time() < end:
+                assert await b.try_lock() is None
+                await asyncio.sleep(0.25)  # a bounded observation window, not a wait
+            assert not held.lost
+            # the holder "dies" mid-renewal: no more keepalives, no release
+            held._task.cancel()
+            t0 = loop.time()
+            deadline = t0 + ttl + 5
+            taken = None
+            while taken is None and loop.time() < deadline:
+                taken = await b.try_lock()
+                if taken is None:
+                    await asyncio.sleep(0.1)
+            assert taken is not None, "the lease of a dead holder never expired"
+            waited = loop.time() - t0
+            assert await b.get("renew.lock") == b"b"
+            await taken.release()
+            return waited
+        finally:
+            await a.close()
+            await b.close()
+
+    try:
+        waited = asyncio.run(main())
+    finally:
+        etcd.stop()
+    assert waited <= ttl + 5
+
+
+def test_etcd_storage_logs_in_again_when_its_token_expired(tmp_path):
+    from tests.support.etcd_server import ROOT_PASSWORD
+
+    etcd = EtcdServer(tmp_path / "etcd", auth=True).start()
+
+    async def main():
+        s = EtcdStorage([etcd.url], prefix="/t/auth/", username="root",
+                        password=ROOT_PASSWORD)
+        try:
+            await s.put("certs/x/fullchain.pem", b"one")
+            old = s._token
+            etcd.restart()  # etcd's simple tokens do not survive a restart (nor their TTL)
+            assert await s.get("certs/x/fullchain.pem") == b"one"
+            return old, s._token
+        finally:
+            await s.close()
+
+    try:
+        old, new = asyncio.run(main())
+    finally:
+        etcd.stop()
+    assert old and new and old != new

@@ -195,3 +195,62 @@ def test_http01_is_answered_before_a_redirect_everything_rule(stack):
     # every other request of the name is redirected, as configured
     code, headers, _ = http_get(dispa.port, "/page", host=NAME)
     assert code == 301 and headers["location"] == f"https://{NAME}/page"
+
+
+def test_an_unreachable_ca_at_start_leaves_dispa_serving_and_counts_the_failure(
+        tmp_path, origin):
+    from types import SimpleNamespace
+
+    closed = free_port()  # nothing listens there: the CA is down at first start
+    ca = SimpleNamespace(directory_url=f"https://127.0.0.1:{closed}/dir", ca_bundle="")
+    port, tls_port, admin_port = free_port(), free_port(), free_port()
+    cfg = tmp_path / "dispa.toml"
+    cfg.write_text(render(port, admin_port, origin.url, ca, tmp_path / "store", 0.6666,
+                          "tls-alpn-01", tls_port, '"app.example.com"', ""))
+    dispa = DispaProcess(cfg, port=port, admin_port=admin_port)
+    try:
+        dispa.wait_ready(workers=2)
+        acme = wait_for(lambda: (a := dispa.status()["acme"]) and a["renewals"]["failed"] >= 2
+                        and a, 20, "two failed attempts (retry_min = 1 s)")
+        cert = acme["certificates"][NAME]
+        assert cert["failures"] >= 2 and f"127.0.0.1:{closed}" in cert["last_error"]
+        assert cert["serial"] is None and acme["renewals"]["ok"] == 0
+        # meanwhile the plain listener serves as configured
+        code, _, _ = http_get(dispa.port, "/", host="app.example.com")
+        assert code == 200
+        # and the TLS listener, with no certificate yet, fails the handshake cleanly
+        ctx = ssl.create_default_context()
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw:
+            with pytest.raises(ssl.SSLError):
+                ctx.wrap_socket(raw, server_hostname=NAME)
+        status, body = dispa.admin_get("/metrics")
+        assert status == 200
+        assert b'dispa_acme_renewals_total{result="failed"}' in body
+        assert f'dispa_acme_renewal_failures{{certificate="{NAME}"}}'.encode() in body
+        pids = [w["pid"] for w in dispa.status()["workers"]]
+        assert http_get(dispa.port, "/", host="app.example.com")[0] == 200
+        assert [w["pid"] for w in dispa.status()["workers"]] == pids  # nothing crashed
+        assert "acme: renewal of web.acme.test failed" in dispa.log()
+    finally:
+        dispa.stop()
+
+
+FILTERS_AFTER_INTERCEPTION = """
+[plugins]
+apply_before_domain_match = false
+[[plugins.plugins]]
+name = "tag"
+type = "tests.support.filters:Tag"
+"""
+
+
+def test_http01_for_a_host_outside_interception_with_filters_after_interception(stack):
+    # the name is not intercepted and the operator's filters run after interception: the
+    # worker's pipeline runs the responder alone for it (dispa/proxy/pipeline.py)
+    start, pebble, store = stack
+    dispa = start(renew_ratio=0.6666, extra=FILTERS_AFTER_INTERCEPTION)
+    wait_for(lambda: _serial(store / "certs" / NAME / "fullchain.pem"), 40,
+             "the certificate with filters after interception")
+    assert dispa.status()["acme"]["renewals"] == {"ok": 1, "failed": 0}
+    code, _, body = http_get(dispa.port, "/.well-known/acme-challenge/anything", host=NAME)
+    assert code == 404 and b"not served" in body  # nothing pending: interception as usual

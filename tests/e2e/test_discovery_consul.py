@@ -7,7 +7,8 @@ only); a routing default sends every request to it. While a bounded keep-alive l
 * an instance is registered: traffic reaches it within ``BOUND``;
 * an instance is deregistered while it keeps serving, and stopped only once /admin/status
   shows every worker on the set without it: zero failed requests;
-* Dispa registered itself (TTL check kept passing well past its TTL) and shows the KV map;
+* Dispa registered itself (TTL check kept passing well past its TTL) and shows the KV
+  keys (digests, not values); a reload that changes the registration replaces it;
 * the registry is stopped: traffic continues on the last known good set, status ``stale``,
   the staleness metric grows;
 * the registry returns with a changed catalog: Dispa resyncs;
@@ -20,100 +21,23 @@ print what we measured.
 
 from __future__ import annotations
 
-import http.client
 import json
-import threading
 import time
 
 import pytest
 
+from dispa.discovery.consul import kv_digest
 from tests.support.consul_double import ConsulDouble
+from tests.support.discovery_load import Load, converged, metric, published
 from tests.support.dispa_proc import DispaProcess, free_port, wait_for
 from tests.support.origin import Origin
 
 THROTTLE = 0.5
-BOUND = 6.0  # seconds: blocking query + throttle + apply, with headroom for a busy machine
-RESYNC_BOUND = 20.0  # + the provider's reconnect backoff (jittered, doubling to 15 s)
+BOUND = 8.0  # seconds: blocking query + throttle + apply, with headroom for a busy machine
+# (well under refresh_interval = 30: a change must arrive by the blocking query, not a poll)
+RESYNC_BOUND = 25.0  # + one reconnect backoff (jittered, doubling to its 15 s cap) + BOUND
 SELF_TTL = 1.0
 SELF_ID = "dispa-e2e"
-
-
-class Load:
-    """Keep-alive clients sending GET / until stopped, bounded in count and time; records
-    ``(time, status, origin name)`` per request and every failure."""
-
-    def __init__(self, port: int, threads: int = 2, max_requests: int = 40000,
-                 max_seconds: float = 120.0):
-        self.port, self.threads = port, threads
-        self.max_requests, self.max_seconds = max_requests, max_seconds
-        self.results: list[tuple[float, int, str]] = []
-        self.failures: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True)
-                         for _ in range(threads)]
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        conn = None
-        for _ in range(self.max_requests // self.threads):
-            if self._stop.is_set() or time.monotonic() > deadline:
-                break
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("GET", "/", headers={"Host": "example.com"})
-                r = conn.getresponse()
-                body = r.read().decode(errors="replace")
-                with self._lock:
-                    self.results.append((time.monotonic(), r.status,
-                                         body.removeprefix("ok from ")))
-                    if r.status != 200:
-                        self.failures.append(f"status {r.status}: {body[:80]!r}")
-                if r.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as exc:
-                with self._lock:
-                    self.failures.append(repr(exc))
-                if conn is not None:
-                    conn.close()
-                conn = None
-            time.sleep(0.002)  # ~500 req/s per client: a load, not a benchmark
-        if conn is not None:
-            conn.close()
-
-    def start(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def served_since(self, t0: float) -> set[str]:
-        with self._lock:
-            return {name for t, status, name in self.results if t >= t0 and status == 200}
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.results)
-
-    def last_time(self) -> float:
-        with self._lock:
-            return self.results[-1][0] if self.results else 0.0
-
-
-def converged(load: Load, live: set[str], window: float = 0.5):
-    """A predicate for wait_for: the last ``window`` seconds of traffic hit exactly ``live``."""
-    def check():
-        now = time.monotonic()
-        if not load.results or now - load.results[0][0] < window:
-            return None
-        return now if load.served_since(now - window) == live else None
-    return check
 
 
 @pytest.fixture
@@ -192,30 +116,8 @@ health_check_port = {admin_port}
     return path
 
 
-def _metric(d: DispaProcess, name: str, label: str) -> float | None:
-    code, body = d.admin_get("/metrics")
-    assert code == 200
-    for line in body.decode().splitlines():
-        if line.startswith(name + "{") and label in line:
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
 def _consul_state(d: DispaProcess) -> str:
     return d.status()["discovery"]["providers"]["consul"]["state"]
-
-
-def _all_workers_past(d: DispaProcess, old_version: str, endpoints: int) -> bool:
-    """/admin/status: a snapshot newer than ``old_version`` is in force on every ready
-    worker, and the discovered set has ``endpoints`` entries. (The discovery section alone
-    is not enough: it shows a set as soon as the watcher has it, before the throttled
-    publish.)"""
-    st = d.status()
-    version = st["snapshot_version"]
-    return (version != old_version
-            and st["discovery"]["clusters"]["api"]["endpoints"] == endpoints
-            and all(w["snapshot_version"] == version for w in st["workers"]
-                    if w["state"] == "ready"))
 
 
 def test_consul_discovery_follows_the_catalog_under_load(tmp_path, consul, origins):
@@ -223,13 +125,14 @@ def test_consul_discovery_follows_the_catalog_under_load(tmp_path, consul, origi
     _register(consul, origins["o2"])
     consul.api("PUT", "/v1/kv/dispa/mode", b"blue")
     port, admin = free_port(), free_port()
-    d = DispaProcess(_config(tmp_path, consul, port, admin), port=port, admin_port=admin)
+    cfg = _config(tmp_path, consul, port, admin)
+    d = DispaProcess(cfg, port=port, admin_port=admin)
     load = None
     timings: dict[str, float] = {}
     try:
         d.wait_ready(workers=2)
-        st = d.status()
-        assert st["discovery"]["clusters"]["api"]["endpoints"] == 2
+        # the master waited for the first answer: the workers started on o1 and o2
+        st = wait_for(published(d, "api", 2), BOUND, "every worker on o1+o2")
         assert st["discovery"]["providers"]["consul"]["state"] == "ok"
         load = Load(port).start()
         wait_for(converged(load, {"o1", "o2"}), BOUND, "traffic on o1+o2")
@@ -242,12 +145,11 @@ def test_consul_discovery_follows_the_catalog_under_load(tmp_path, consul, origi
         wait_for(converged(load, {"o1", "o2", "o3"}), BOUND, "traffic on o1+o2+o3")
 
         # 2. graceful deregistration: deregister, wait until no worker routes to o3, stop it
-        wait_for(lambda: _all_workers_past(d, "", 3), BOUND, "every worker with o3")
-        before = d.status()["snapshot_version"]
+        wait_for(published(d, "api", 3), BOUND, "every worker with o3")
         t0 = time.monotonic()
         code, _, _ = consul.api("PUT", "/v1/agent/service/deregister/o3")
         assert code == 200
-        wait_for(lambda: _all_workers_past(d, before, 2), BOUND, "every worker without o3")
+        wait_for(published(d, "api", 2), BOUND, "every worker without o3")
         timings["remove"] = time.monotonic() - t0
         t1 = time.monotonic()
         wait_for(lambda: load.last_time() > t1 + 0.3, BOUND, "traffic after the removal")
@@ -266,18 +168,25 @@ def test_consul_discovery_follows_the_catalog_under_load(tmp_path, consul, origi
             time.sleep(0.05)
         st = d.status()["discovery"]
         assert st["registered"]["id"] == SELF_ID
-        assert st["providers"]["consul"]["kv"]["values"] == {"mode": "blue"}
+        assert st["providers"]["consul"]["kv"]["keys"] == {"mode": kv_digest("blue")}
         consul.api("PUT", "/v1/kv/dispa/mode", b"green")
-        wait_for(lambda: d.status()["discovery"]["providers"]["consul"]["kv"]["values"]
-                 == {"mode": "green"}, BOUND, "the KV change in status")
+        wait_for(lambda: d.status()["discovery"]["providers"]["consul"]["kv"]["keys"]
+                 == {"mode": kv_digest("green")}, BOUND, "the KV change in status")
+
+        # a reload that changes [service_discovery.register] replaces the registration
+        cfg.write_text(cfg.read_text().replace('tags = ["edge"]', 'tags = ["edge", "v2"]'))
+        wait_for(lambda: [e["Service"]["Tags"] for e in consul.api(
+            "GET", "/v1/health/service/dispa?passing")[2]] == [["edge", "v2"]], BOUND,
+            "the registration with the reloaded tags")
+        assert consul.service_ids("dispa") == [SELF_ID]
 
         # 4. the registry goes away: the last known good set stays, status says stale
         t0 = time.monotonic()
         consul.stop()
         wait_for(lambda: _consul_state(d) == "stale", BOUND, "provider state stale")
         timings["stale"] = time.monotonic() - t0
-        wait_for(lambda: (_metric(d, "dispa_discovery_staleness_seconds",
-                                  'provider="consul"') or 0) >= 1.0, BOUND,
+        wait_for(lambda: (metric(d, "dispa_discovery_staleness_seconds",
+                                 'provider="consul"') or 0) >= 1.0, BOUND,
                  "staleness metric growing")
         t1 = time.monotonic()
         wait_for(lambda: load.last_time() > t1 + 1.0, BOUND, "traffic during the outage")
@@ -291,6 +200,7 @@ def test_consul_discovery_follows_the_catalog_under_load(tmp_path, consul, origi
         t0 = time.monotonic()
         consul.start()
         wait_for(lambda: _consul_state(d) == "ok", RESYNC_BOUND, "provider state ok again")
+        wait_for(published(d, "api", 1), BOUND, "every worker on o1 only")
         wait_for(converged(load, {"o1"}), BOUND, "traffic on o1 only")
         timings["resync"] = time.monotonic() - t0
         load.stop()

@@ -21,95 +21,20 @@ from __future__ import annotations
 import http.client
 import json
 import signal
-import threading
+import socket
 import time
 
 import pytest
 
+from tests.support.discovery_load import Load, converged, metric, published
 from tests.support.dispa_proc import DispaProcess, free_port, wait_for
 from tests.support.dnsmasq import Dnsmasq
 from tests.support.origin import Origin
 
 TTL = 1.0
 THROTTLE = 0.5
-BOUND = 6.0  # seconds: TTL + throttle + apply, with headroom for a busy machine
+BOUND = 8.0  # seconds: TTL + throttle + apply, with headroom for a busy machine
 ADDRESSES = {"o1": "127.0.0.11", "o2": "127.0.0.12", "o3": "127.0.0.13"}
-
-
-class Load:
-    """Keep-alive clients sending GET / until stopped, bounded in count and time; records
-    ``(time, status, origin name)`` per request and every failure."""
-
-    def __init__(self, port: int, threads: int = 2, max_requests: int = 40000,
-                 max_seconds: float = 90.0):
-        self.port, self.threads = port, threads
-        self.max_requests, self.max_seconds = max_requests, max_seconds
-        self.results: list[tuple[float, int, str]] = []
-        self.failures: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True)
-                         for _ in range(threads)]
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        conn = None
-        for _ in range(self.max_requests // self.threads):
-            if self._stop.is_set() or time.monotonic() > deadline:
-                break
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("GET", "/", headers={"Host": "example.com"})
-                r = conn.getresponse()
-                body = r.read().decode(errors="replace")
-                with self._lock:
-                    self.results.append((time.monotonic(), r.status,
-                                         body.removeprefix("ok from ")))
-                    if r.status != 200:
-                        self.failures.append(f"status {r.status}: {body[:80]!r}")
-                if r.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as exc:
-                with self._lock:
-                    self.failures.append(repr(exc))
-                if conn is not None:
-                    conn.close()
-                conn = None
-            time.sleep(0.002)  # ~500 req/s per client: a load, not a benchmark
-        if conn is not None:
-            conn.close()
-
-    def start(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def served_since(self, t0: float) -> set[str]:
-        with self._lock:
-            return {name for t, status, name in self.results if t >= t0 and status == 200}
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.results)
-
-
-def converged(load: Load, live: set[str], window: float = 0.5):
-    """A predicate for wait_for: the last ``window`` seconds of traffic hit exactly ``live``
-    (returns the time it became true)."""
-    def check():
-        now = time.monotonic()
-        if not load.results or now - load.results[0][0] < window:
-            return None
-        seen = load.served_since(now - window)
-        return now if seen == live else None
-    return check
 
 
 @pytest.fixture
@@ -173,24 +98,6 @@ def _hosts(*names: str) -> dict[str, list[str]]:
     return {"api.test": [ADDRESSES[n] for n in names]}
 
 
-def _metric(d: DispaProcess, name: str, label: str) -> float | None:
-    code, body = d.admin_get("/metrics")
-    assert code == 200
-    for line in body.decode().splitlines():
-        if line.startswith(name + "{") and label in line:
-            return float(line.rsplit(" ", 1)[1])
-    return None
-
-
-def _all_workers_on(d: DispaProcess, endpoints: int) -> bool:
-    st = d.status()
-    version = st["snapshot_version"]
-    cluster = st["discovery"]["clusters"]["default"]
-    return (cluster["endpoints"] == endpoints
-            and all(w["snapshot_version"] == version for w in st["workers"]
-                    if w["state"] == "ready"))
-
-
 def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
     dnsmasq.set_hosts(_hosts("o1", "o2"), reload=False)
     dnsmasq.start()
@@ -202,8 +109,7 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
     try:
         d.wait_ready(workers=2)
         # the master waited for the first answer: the workers started on the zone's set
-        st = d.status()
-        assert st["discovery"]["clusters"]["default"]["endpoints"] == 2
+        st = wait_for(published(d, "default", 2), BOUND, "every worker on o1+o2")
         assert st["discovery"]["providers"]["dns"]["state"] == "ok"
         load = Load(port).start()
         wait_for(converged(load, {"o1", "o2"}), BOUND, "traffic on o1+o2")
@@ -216,9 +122,10 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         wait_for(converged(load, {"o1", "o2", "o3"}), BOUND, "traffic on o1+o2+o3")
 
         # 2. remove o3 from the zone while it still serves; stop it once Dispa is done
+        wait_for(published(d, "default", 3), BOUND, "every worker with o3")
         t0 = time.monotonic()
         dnsmasq.set_hosts(_hosts("o1", "o2"))
-        wait_for(lambda: _all_workers_on(d, 2), BOUND, "every worker without o3")
+        wait_for(published(d, "default", 2), BOUND, "every worker without o3")
         timings["remove"] = time.monotonic() - t0
         t1 = time.monotonic()
         wait_for(lambda: load.count() > 0 and load.results[-1][0] > t1 + 0.3, BOUND,
@@ -232,11 +139,32 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         cfg.write_text(cfg.read_text().replace("workers = 2", "workers = 2\nvia = \"edge\""))
         d.signal(signal.SIGHUP)
         wait_for(lambda: d.status()["reloads"]["ok"] >= 1, BOUND, "reload")
-        wait_for(lambda: _all_workers_on(d, 2), BOUND, "workers on the reloaded snapshot")
+        wait_for(published(d, "default", 2), BOUND, "workers on the reloaded snapshot")
         t1 = time.monotonic()
         wait_for(lambda: load.count() > 0 and load.results[-1][0] > t1 + 0.3, BOUND,
                  "traffic after the reload")
         assert load.served_since(t1) == {"o1", "o2"}
+
+        # a reload that changes the discovery source but is refused late (its new listener
+        # cannot be bound) leaves the running source in force: the watcher is untouched
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        good = cfg.read_text()
+        try:
+            cfg.write_text(good.replace(f"127.0.0.1:{port}", f"127.0.0.1:{busy.getsockname()[1]}")
+                           .replace('service = "api.test"', 'service = "other.test"'))
+            d.signal(signal.SIGHUP)
+            wait_for(lambda: d.status()["reloads"]["failed"] >= 1, BOUND, "reload refused")
+        finally:
+            busy.close()
+        st = d.status()
+        assert st["reloads"]["last"]["ok"] is False and st["reloads"]["ok"] == 1
+        cluster = st["discovery"]["clusters"]["default"]
+        assert (cluster["service"], cluster["state"]) == ("api.test", "discovered"), cluster
+        wait_for(published(d, "default", 2), BOUND, "workers still on the zone's set")
+        cfg.write_text(good)  # the file watcher reloads the good config back
+        wait_for(lambda: d.status()["reloads"]["ok"] >= 2, BOUND, "reload of the good config")
 
         # 3. the registry goes away: last known good stays, status says stale
         t0 = time.monotonic()
@@ -244,7 +172,7 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         wait_for(lambda: d.status()["discovery"]["providers"]["dns"]["state"] == "stale",
                  BOUND + 5, "provider state stale")
         timings["stale"] = time.monotonic() - t0
-        wait_for(lambda: (_metric(d, "dispa_discovery_staleness_seconds",
+        wait_for(lambda: (metric(d, "dispa_discovery_staleness_seconds",
                                   'provider="dns"') or 0) >= 1.0, BOUND,
                  "staleness metric growing")
         t1 = time.monotonic()
@@ -253,7 +181,7 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         assert load.served_since(t1) == {"o1", "o2"}
         st = d.status()
         assert st["discovery"]["clusters"]["default"]["endpoints"] == 2
-        assert (_metric(d, "dispa_discovery_errors_total", 'provider="dns"') or 0) >= 1
+        assert (metric(d, "dispa_discovery_errors_total", 'provider="dns"') or 0) >= 1
 
         # 4. it returns, with o2 gone from the zone: Dispa resyncs
         dnsmasq.set_hosts(_hosts("o1"), reload=False)
@@ -261,13 +189,14 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         dnsmasq.start()
         wait_for(lambda: d.status()["discovery"]["providers"]["dns"]["state"] == "ok",
                  BOUND + 5, "provider state ok again")
+        wait_for(published(d, "default", 1), BOUND + 5, "every worker on o1 only")
         wait_for(converged(load, {"o1"}), BOUND + 5, "traffic on o1 only")
         timings["resync"] = time.monotonic() - t0
         load.stop()
         assert load.failures == [], load.failures[:5]
         assert load.count() > 200
-        assert _metric(d, "dispa_discovery_endpoints", 'cluster="default"') == 1.0
-        assert (_metric(d, "dispa_discovery_updates_total", 'provider="dns"') or 0) >= 4
+        assert metric(d, "dispa_discovery_endpoints", 'cluster="default"') == 1.0
+        assert (metric(d, "dispa_discovery_updates_total", 'provider="dns"') or 0) >= 4
 
         # 5. an authoritative empty answer (NXDOMAIN) empties the cluster: 503
         dnsmasq.set_hosts({})
@@ -280,8 +209,7 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
             finally:
                 c.close()
         wait_for(answered_503, BOUND, "503 for an empty cluster")
-        st = d.status()
-        assert st["discovery"]["clusters"]["default"]["endpoints"] == 0
+        st = wait_for(published(d, "default", 0), BOUND, "every worker on the empty set")
         assert st["discovery"]["providers"]["dns"]["state"] == "ok"
         print("discovery timings (s):", json.dumps({k: round(v, 2) for k, v in timings.items()}),
               "requests:", load.count())

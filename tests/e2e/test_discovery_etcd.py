@@ -22,103 +22,23 @@ capped at 30 s; reset on success) adds up to a few seconds. We assert ``BOUND`` 
 
 from __future__ import annotations
 
-import http.client
 import json
-import re
-import threading
 import time
 
 import pytest
 
+from tests.support.discovery_load import Load, converged, metric, published
 from tests.support.dispa_proc import DispaProcess, free_port, wait_for
 from tests.support.etcd_server import EtcdServer, etcd_available
 from tests.support.origin import Origin
 
 THROTTLE = 0.5
-BOUND = 6.0  # seconds: event + throttle + apply, with headroom for a busy machine
-RESYNC_BOUND = 20.0  # after etcd returns: reconnect backoff included
+BOUND = 8.0  # seconds: event + throttle + apply, with headroom for a busy machine
+# (under refresh_interval = 10: a change must arrive by the watch, not a re-created one)
+RESYNC_BOUND = 40.0  # after etcd returns: one reconnect backoff (capped at 30 s) + BOUND
 PREFIX = "/services/api/"
 NODE_KEY = "/dispa/nodes/dispa-e2e"
 REGISTER_TTL = 10  # long enough that "gone at once" cannot be a lease expiry
-
-
-class Load:
-    """Keep-alive clients sending GET / until stopped, bounded in count and time; records
-    ``(time, status, origin name)`` per request and every failure."""
-
-    def __init__(self, port: int, threads: int = 2, max_requests: int = 40000,
-                 max_seconds: float = 120.0):
-        self.port, self.threads = port, threads
-        self.max_requests, self.max_seconds = max_requests, max_seconds
-        self.results: list[tuple[float, int, str]] = []
-        self.failures: list[str] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True)
-                         for _ in range(threads)]
-
-    def _run(self) -> None:
-        deadline = time.monotonic() + self.max_seconds
-        conn = None
-        for _ in range(self.max_requests // self.threads):
-            if self._stop.is_set() or time.monotonic() > deadline:
-                break
-            try:
-                if conn is None:
-                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-                conn.request("GET", "/", headers={"Host": "example.com"})
-                r = conn.getresponse()
-                body = r.read().decode(errors="replace")
-                with self._lock:
-                    self.results.append((time.monotonic(), r.status,
-                                         body.removeprefix("ok from ")))
-                    if r.status != 200:
-                        self.failures.append(f"status {r.status}: {body[:80]!r}")
-                if r.getheader("connection", "").lower() == "close":
-                    conn.close()
-                    conn = None
-            except (OSError, http.client.HTTPException) as exc:
-                with self._lock:
-                    self.failures.append(repr(exc))
-                if conn is not None:
-                    conn.close()
-                conn = None
-            time.sleep(0.002)  # ~500 req/s per client: a load, not a benchmark
-        if conn is not None:
-            conn.close()
-
-    def start(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-    def served_since(self, t0: float) -> set[str]:
-        with self._lock:
-            return {name for t, status, name in self.results if t >= t0 and status == 200}
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.results)
-
-    def last_time(self) -> float:
-        with self._lock:
-            return self.results[-1][0] if self.results else 0.0
-
-
-def converged(load: Load, live: set[str], window: float = 0.5):
-    """A predicate for wait_for: the last ``window`` seconds of traffic hit exactly ``live``."""
-    def check():
-        now = time.monotonic()
-        with load._lock:
-            if not load.results or now - load.results[0][0] < window:
-                return None
-        return now if load.served_since(now - window) == live else None
-    return check
 
 
 @pytest.fixture
@@ -194,29 +114,14 @@ health_check_port = {admin_port}
     return path
 
 
-def _all_workers_on(d: DispaProcess, endpoints: int) -> bool:
-    """The snapshot in force has ``endpoints`` endpoints in ``api`` and every ready worker
-    runs it (the status's discovery ``endpoints`` is the watcher's latest set, which can
-    be ahead of the snapshot by the throttle window)."""
-    code, body = d.admin_get("/metrics")
-    m = re.search(rb'^dispa_discovery_endpoints\{cluster="api"\} (\S+)$', body, re.M)
-    if code != 200 or not m or float(m.group(1)) != endpoints:
-        return False
-    st = d.status()
-    version = st["snapshot_version"]
-    return all(w["snapshot_version"] == version for w in st["workers"] if w["state"] == "ready")
-
-
 def _provider(d: DispaProcess) -> dict:
     return d.status()["discovery"]["providers"]["etcd"]
 
 
 def _staleness_metric(d: DispaProcess) -> float:
-    code, body = d.admin_get("/metrics")
-    assert code == 200
-    m = re.search(rb'^dispa_discovery_staleness_seconds\{provider="etcd"\} (\S+)$', body, re.M)
-    assert m, "no dispa_discovery_staleness_seconds for etcd"
-    return float(m.group(1))
+    value = metric(d, "dispa_discovery_staleness_seconds", 'provider="etcd"')
+    assert value is not None, "no dispa_discovery_staleness_seconds for etcd"
+    return value
 
 
 def test_etcd_discovery_follows_the_prefix_under_load(tmp_path, etcd, origins):
@@ -231,7 +136,7 @@ def test_etcd_discovery_follows_the_prefix_under_load(tmp_path, etcd, origins):
     try:
         d.wait_ready(workers=2)
         # the master waited for the first answer: the workers started on o1 and o2
-        assert d.status()["discovery"]["clusters"]["api"]["endpoints"] == 2
+        wait_for(published(d, "api", 2), BOUND, "every worker on o1+o2")
         assert _provider(d)["state"] == "ok"
 
         # self-registration: Dispa's own key, on a lease
@@ -253,9 +158,10 @@ def test_etcd_discovery_follows_the_prefix_under_load(tmp_path, etcd, origins):
         wait_for(converged(load, {"o1", "o2", "o3"}), BOUND, "traffic on o1..o3")
 
         # 2. o2 deregisters gracefully: it serves until Dispa has stopped sending to it
+        wait_for(published(d, "api", 3), BOUND, "every worker with o3")
         t0 = time.monotonic()
         etcd.delete(PREFIX + "o2")
-        wait_for(lambda: _all_workers_on(d, 2), BOUND, "every worker without o2")
+        wait_for(published(d, "api", 2), BOUND, "every worker without o2")
         timings["deregister"] = time.monotonic() - t0
         t1 = time.monotonic()
         wait_for(lambda: load.last_time() > t1 + 0.3, BOUND, "traffic after the removal")
@@ -284,6 +190,7 @@ def test_etcd_discovery_follows_the_prefix_under_load(tmp_path, etcd, origins):
         _announce(etcd, origins["o4"])
         etcd.delete(PREFIX + "o1")
         wait_for(lambda: _provider(d)["state"] == "ok", RESYNC_BOUND, "provider ok again")
+        wait_for(published(d, "api", 2), RESYNC_BOUND, "every worker on o3+o4")
         wait_for(converged(load, {"o3", "o4"}), RESYNC_BOUND, "traffic on o3+o4")
         timings["resync"] = time.monotonic() - t0
         assert _staleness_metric(d) == 0

@@ -255,3 +255,55 @@ def test_upstream_streams_exhausted_is_resource_exhausted(tmp_path):
     finally:
         proc.stop()
         server.stop(0)
+
+
+def test_active_health_checks_of_grpc_upstreams_use_grpc_health(tmp_path, backend):
+    """h2c target groups are probed with grpc.health.v1 (an HTTP/1.1 GET would fail against
+    a gRPC server and mark it down): SERVING is healthy, NOT_SERVING is not."""
+    sick = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    hs = health.HealthServicer()
+    hs.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(hs, sick)
+    sick_port = sick.add_insecure_port("127.0.0.1:0")
+    sick.start()
+    port, admin = free_port(), free_port()
+    extra = f"""
+[http2]
+enabled = true
+
+[[target_groups]]
+name = "sick"
+protocol = "h2c"
+[[target_groups.targets]]
+name = "s"
+url = "http://127.0.0.1:{sick_port}"
+[target_groups.health_check]
+interval = 1
+timeout = 1
+healthy_threshold = 1
+unhealthy_threshold = 1
+"""
+    cfg = render_config(port=port, admin_port=admin,
+                        targets=[("g1", f"http://127.0.0.1:{backend}")], extra=extra,
+                        health={"enabled": True, "interval": 1, "timeout": 1,
+                                "healthy_threshold": 1, "unhealthy_threshold": 1})
+    cfg = cfg.replace("[[targets.targets]]", '[targets]\nprotocol = "h2c"\n\n[[targets.targets]]', 1)
+    path = tmp_path / "dispa.toml"
+    path.write_text(cfg)
+    proc = DispaProcess(path, port=port, admin_port=admin).wait_ready()
+    try:
+        good, bad = f"default/127.0.0.1:{backend}", f"sick/127.0.0.1:{sick_port}"
+
+        def probed():
+            h = proc.status()["health"]
+            return good in h and bad in h and h[good].get("at") and h[bad].get("at") and h
+
+        h = wait_for(probed, 20, "both endpoints probed")
+        assert h[good]["ok"] is True and h[good]["healthy"] is True, h[good]
+        wait_for(lambda: proc.status()["health"][bad]["healthy"] is False, 20,
+                 "the NOT_SERVING endpoint marked unhealthy")
+        assert "NOT_SERVING" in proc.status()["health"][bad]["detail"] or \
+            proc.status()["health"][bad]["ok"] is False
+    finally:
+        proc.stop()
+        sick.stop(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -48,6 +49,7 @@ class TcpUpstream:
         self.proxy_header = proxy_header
         self.open = 0
         self.accepted = 0
+        self.eofs = 0  # connections whose client half-closed (a FIN, not a reset)
         self.headers = []
         self.server = None
         self.port = 0
@@ -79,6 +81,7 @@ class TcpUpstream:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
+            self.eofs += 1
             writer.write(b"<eof>")  # the client's half-close reached us
             await writer.drain()
         except ConnectionError:
@@ -89,9 +92,9 @@ class TcpUpstream:
 
 
 def config(upstreams, listeners: str, *, lb: str = "roundrobin", health: str = "",
-           extra: str = "") -> tuple[str, int, int]:
+           extra: str = "", server_extra: str = "") -> tuple[str, int, int]:
     port, admin = free_port(), free_port()
-    text = render_config(port=port, admin_port=admin,
+    text = render_config(port=port, admin_port=admin, server_extra=server_extra,
                          targets=[("unused", f"http://127.0.0.1:{free_port()}")], extra="")
     text += f'\n[[target_groups]]\nname = "tcp"\n'
     for i, u in enumerate(upstreams):
@@ -175,7 +178,7 @@ def test_least_connections_sends_a_new_connection_to_the_least_busy_endpoint(dis
         lport = free_port()
         text, port, admin = config([u.port for u in ups], listener(lport),
                                    lb="leastconnections")
-        start(dispa, text, port, admin)
+        d = start(dispa, text, port, admin)
         conns = []
         for _ in range(3):
             r, w = await tcp_connect(lport)
@@ -183,8 +186,11 @@ def test_least_connections_sends_a_new_connection_to_the_least_busy_endpoint(dis
         assert sorted(c[0] for c in conns) == ["A", "B", "C"]
         freed = conns[1][0]
         conns[1][2].close()
-        wait_for_up = time.monotonic() + 10
-        while ups["ABC".index(freed)].open and time.monotonic() < wait_for_up:
+        # poll Dispa's own count (its release of the endpoint), not the upstream's: the
+        # upstream closes its side before Dispa has read that close
+        deadline = time.monotonic() + 10
+        while metric(d, 'dispa_l4_active_connections{listener="l4test"}') != 2:
+            assert time.monotonic() < deadline, "the closed connection is still counted"
             await asyncio.sleep(0.02)
         r, w = await tcp_connect(lport)
         assert (await r.readline()).strip().decode() == freed  # round robin would differ
@@ -361,6 +367,40 @@ def test_proxy_protocol_accept_refuses_untrusted_peers(dispa):
     assert metric(d, 'dispa_l4_rejected_total{listener="l4test",reason="untrusted"}') == 1
 
 
+def test_a_proxy_header_sent_byte_by_byte_is_cut_at_the_header_timeout(dispa):
+    """Slowloris on the PROXY header: each byte resets no timer; the header must be whole
+    within min(10 s, idle_timeout) of the accept."""
+    async def main():
+        up = await TcpUpstream("U").start()
+        lport = free_port()
+        text, port, admin = config([up.port], listener(
+            lport, proxy_protocol_accept=True, trusted_proxies=["127.0.0.0/8"],
+            idle_timeout=1.0))
+        d = start(dispa, text, port, admin)
+        r, w = await tcp_connect(lport)
+        t0 = time.monotonic()
+        header = b"PROXY TCP4 1.2.3.4 5.6.7.8 1111 2222"  # the CRLF never comes
+        cut = None
+        for i in range(len(header)):  # bounded: 37 bytes, 0.1 s apart
+            w.write(header[i:i + 1])
+            try:
+                got = await asyncio.wait_for(r.read(1), 0.1)
+            except asyncio.TimeoutError:
+                continue
+            except ConnectionResetError:
+                got = b""
+            assert got == b""
+            cut = time.monotonic() - t0
+            break
+        w.close()
+        assert up.accepted == 0
+        return d, cut
+
+    d, cut = asyncio.run(asyncio.wait_for(main(), 30))
+    assert cut is not None and 0.8 < cut < 3.5, cut  # the 1 s header deadline (+ a sweep)
+    assert metric(d, 'dispa_l4_rejected_total{listener="l4test",reason="proxy_protocol"}') == 1
+
+
 def test_connections_over_the_limit_are_closed_at_once_and_counted(dispa):
     async def main():
         up = await TcpUpstream("C").start()
@@ -408,6 +448,100 @@ def test_an_idle_tcp_connection_is_closed(dispa):
     assert metric(d, 'dispa_l4_idle_closed_total{listener="l4test"}') == 1
 
 
+def resilience(d, cluster: str = "tcp") -> dict:
+    """The first worker's resilience state of ``cluster`` (/admin/status)."""
+    return next(iter(d.status()["resilience"].values()))[cluster]
+
+
+def test_connect_failures_trip_the_endpoint_breaker_and_eject_the_outlier(dispa):
+    async def main():
+        live = await TcpUpstream("L").start()
+        lport = free_port()
+        text, port, admin = config([free_port(), live.port], listener(lport), extra="""
+[target_groups.circuit_breaker]
+failure_threshold = 1
+recovery_time = 60
+[target_groups.outlier_detection]
+consecutive_5xx = 1
+base_ejection_time = 60
+max_ejection_time = 60
+max_ejection_percent = 50
+""")
+        d = start(dispa, text, port, admin)
+        for _ in range(4):  # round robin: the dead endpoint is tried at least once
+            r, w = await tcp_connect(lport)
+            assert (await r.readline()).strip() == b"L"
+            w.close()
+        return d
+
+    d = asyncio.run(asyncio.wait_for(main(), 60))
+    state = resilience(d)
+    assert [e["state"] for e in state["breakers"]["endpoints"]] == ["open", "closed"], state
+    assert [e["times_ejected"] for e in state["outlier"]["endpoints"]] == [1, 0], state
+
+
+def test_an_open_group_breaker_refuses_new_connections(dispa):
+    async def main():
+        live = await TcpUpstream("L").start()
+        lport = free_port()
+        text, port, admin = config([free_port(), live.port], listener(lport), extra="""
+[target_groups.circuit_breaker]
+failure_threshold = 1
+recovery_time = 60
+[target_groups.group_breaker]
+open_endpoint_percent = 50
+""")
+        d = start(dispa, text, port, admin)
+        outcomes = []
+        for _ in range(4):
+            r, w = await tcp_connect(lport)
+            try:
+                line = await asyncio.wait_for(r.readline(), 10)
+            except ConnectionResetError:
+                line = b""
+            outcomes.append(line.strip())
+            w.close()
+        return d, outcomes
+
+    d, outcomes = asyncio.run(asyncio.wait_for(main(), 60))
+    # the dead endpoint's failure opened its breaker, which opened the group's: from then
+    # on every connection is refused at once, the live endpoint included
+    assert outcomes[-1] == b"" and outcomes.count(b"") >= 3, outcomes
+    assert metric(d, 'dispa_l4_rejected_total{listener="l4test",reason="breaker"}') \
+        == outcomes.count(b"")
+
+
+def test_at_the_shutdown_deadline_both_sides_are_half_closed_not_reset(dispa):
+    async def main():
+        up = await TcpUpstream("S").start()
+        lport = free_port()
+        text, port, admin = config([up.port], listener(lport),
+                                   server_extra="shutdown_timeout = 1.5")
+        d = start(dispa, text, port, admin)
+        r, w = await tcp_connect(lport)
+        assert (await r.readline()).strip() == b"S"
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        # draining: the stream goes on (a byte stream has no boundary to stop at)
+        w.write(b"still here\n")
+        assert await asyncio.wait_for(r.readline(), 10) == b"still here\n"
+        # at the deadline: a FIN (read() returns b""), where a reset would raise
+        assert await asyncio.wait_for(r.read(), 20) == b""
+        elapsed = time.monotonic() - t0
+        deadline = time.monotonic() + 10
+        while up.eofs < 1:  # the upstream got a FIN too, not a reset
+            assert time.monotonic() < deadline, "the upstream saw no half-close"
+            await asyncio.sleep(0.02)
+        w.close()
+        return d, elapsed
+
+    d, elapsed = asyncio.run(asyncio.wait_for(main(), 60))
+    # ran until the deadline less its flush margin (0.15 s of 1.5), not cut at the drain
+    assert elapsed >= 1.2, elapsed
+    assert d.proc.wait(15) == 0
+    assert "l4: 1 connections half-closed at the shutdown deadline" in d.log()
+
+
 # -------------------------------------------------------------------------- UDP
 
 
@@ -444,7 +578,7 @@ def test_udp_sessions_per_client_with_idle_expiry_and_a_bounded_table(dispa):
             ups.append((t, p))
         lport = free_port()
         text, port, admin = config([t.get_extra_info("sockname")[1] for t, _ in ups],
-                                   listener(lport, protocol="udp", idle_timeout=0.5,
+                                   listener(lport, protocol="udp", idle_timeout=1.0,
                                             max_connections=2))
         d = start(dispa, text, port, admin)
         clients = []
@@ -492,9 +626,55 @@ def test_l4_config_errors_name_the_field(tmp_path):
     from dispa.config.load import load_config_text
     from dispa.errors import ConfigError
     text, _, _ = config([9], listener(9999, target_group="nope", protocol="udp",
-                                      proxy_protocol_send="v2"))
+                                      proxy_protocol_send="v1"))
     with pytest.raises(ConfigError) as exc:
         load_config_text(text, fmt="toml")
     msg = str(exc.value)
     assert "l4.listeners[0].target_group: unknown target group 'nope'" in msg
-    assert "l4.listeners[0].proxy_protocol_send: PROXY protocol is TCP only" in msg
+    assert "l4.listeners[0].proxy_protocol_send: PROXY protocol v1 is TCP only" in msg
+
+
+class UdpProxyEcho(asyncio.DatagramProtocol):
+    """Reads the PROXY v2 header that starts each datagram (the test's own parse, from
+    proxy-protocol.txt) and answers with the source it names and the payload after it."""
+
+    def __init__(self):
+        self.headers = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        assert data.startswith(V2_SIG), data[:16]
+        ver_cmd, fam, length = data[12], data[13], struct.unpack("!H", data[14:16])[0]
+        body = data[16:16 + length]
+        src = socket.inet_ntoa(body[0:4])
+        sport, dport = struct.unpack("!HH", body[8:12])
+        self.headers.append((ver_cmd, fam, src, sport, socket.inet_ntoa(body[4:8]), dport))
+        self.transport.sendto(f"{src}:{sport}:".encode() + data[16 + length:], addr)
+
+
+def test_udp_sends_a_proxy_protocol_v2_header_on_every_datagram(dispa):
+    async def main():
+        loop = asyncio.get_running_loop()
+        ut, up = await loop.create_datagram_endpoint(UdpProxyEcho,
+                                                     local_addr=("127.0.0.1", 0))
+        lport = free_port()
+        text, port, admin = config([ut.get_extra_info("sockname")[1]],
+                                   listener(lport, protocol="udp", proxy_protocol_send="v2"))
+        start(dispa, text, port, admin)
+        t, p = await loop.create_datagram_endpoint(
+            UdpClient, local_addr=("127.0.0.9", 0), remote_addr=("127.0.0.1", lport))
+        me = t.get_extra_info("sockname")
+        for k in range(3):
+            t.sendto(f"m{k}".encode())
+            data, _ = await asyncio.wait_for(p.queue.get(), 10)
+            assert data == f"127.0.0.9:{me[1]}:m{k}".encode()
+        t.close()
+        ut.close()
+        return up.headers
+
+    headers = asyncio.run(asyncio.wait_for(main(), 30))
+    assert len(headers) == 3
+    # version 2, PROXY command; AF_INET + DGRAM (0x12); destination: the listener
+    assert all(h[0] == 0x21 and h[1] == 0x12 and h[4] == "127.0.0.1" for h in headers), headers

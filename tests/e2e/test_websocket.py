@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from tests.support.dispa_proc import free_port, render_config
+from tests.support.dispa_proc import DispaProcess, free_port, render_config
 
 # -------------------------------------------------------------------------- helpers
 
@@ -78,8 +78,8 @@ class RawUpstream:
         self.connected = asyncio.Event()
         self.server = None
 
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", port)
         return self.server.sockets[0].getsockname()[1]
 
     async def _handle(self, reader, writer):
@@ -114,9 +114,9 @@ class RawUpstream:
         self.server.close()
 
 
-async def echo_server(name: str, closes: list | None = None, **kw):
-    """A websockets echo server; the first message on each connection is its ``name``;
-    ``closes`` collects (code, reason) of each connection's close."""
+async def echo_server(name: str, closes: list | None = None, port: int = 0, **kw):
+    """A websockets echo server on ``port`` (0: any); the first message on each connection
+    is its ``name``; ``closes`` collects (code, reason) of each connection's close."""
 
     async def handler(ws):
         await ws.send(name)
@@ -129,7 +129,7 @@ async def echo_server(name: str, closes: list | None = None, **kw):
             rcvd = ws.protocol.close_rcvd
             closes.append((rcvd.code, rcvd.reason) if rcvd else None)
 
-    server = await serve(handler, "127.0.0.1", 0, max_size=None, **kw)
+    server = await serve(handler, "127.0.0.1", port, max_size=None, **kw)
     return server, server.sockets[0].getsockname()[1]
 
 
@@ -139,6 +139,22 @@ def start_dispa(dispa, upstream_ports, *, extra: str = "", workers: str = "1", l
                          targets=[(f"u{i}", f"http://127.0.0.1:{p}")
                                   for i, p in enumerate(upstream_ports)], extra=extra)
     return dispa(config_text=text, port=port, admin_port=admin, workers=workers)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One dispa-server for the tests that need only the default config and one upstream
+    (a cold start costs about a second each). Its upstream is ``shared.upstream_port``:
+    each test binds its own server there and closes it before the next test; counters are
+    compared as deltas. Tests that change the config or stop the server start their own."""
+    up, port, admin = free_port(), free_port(), free_port()
+    path = tmp_path_factory.mktemp("ws-shared") / "dispa.toml"
+    path.write_text(render_config(port=port, admin_port=admin,
+                                  targets=[("u0", f"http://127.0.0.1:{up}")]))
+    d = DispaProcess(path, port=port, admin_port=admin).wait_ready()
+    d.upstream_port = up
+    yield d
+    d.stop()
 
 
 def metric(d, line_prefix: str) -> float:
@@ -182,11 +198,11 @@ def test_websocket_round_trips_are_load_balanced_and_counted(dispa):
     assert metric(d, "dispa_websocket_connections") == 0
 
 
-def test_fragments_and_control_frames_between_them_pass_through_intact(dispa):
+def test_fragments_and_control_frames_between_them_pass_through_intact(shared):
     async def main():
         up = RawUpstream()
-        d = start_dispa(dispa, [await up.start()])
-        reader, writer = await raw_client(d.port)
+        await up.start(shared.upstream_port)
+        reader, writer = await raw_client(shared.port)
         # a text message in three fragments with a ping and a pong between them, then a
         # close with an application code: the upstream must see exactly these bytes
         sent = (frame(0x1, b"Hel", fin=False) + frame(0x9, b"are you there")
@@ -210,60 +226,95 @@ def test_fragments_and_control_frames_between_them_pass_through_intact(dispa):
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_a_fragmented_message_from_the_websockets_library_arrives_whole(dispa):
+def test_text_payloads_pass_through_unvalidated_and_the_endpoint_answers_1007(shared):
+    """The decision in docs/websocket.md: Dispa does not UTF-8-check text payloads (RFC 6455
+    §8.1 is the endpoints' duty, and permessage-deflate payloads cannot be checked by an
+    intermediary); invalid text reaches the upstream byte for byte, whose 1007 close then
+    comes back through intact."""
+    errors = 'dispa_websocket_closed_total{reason="protocol_error"}'
+    e0 = metric(shared, errors)
+
     async def main():
-        s, p = await echo_server("e")
-        d = start_dispa(dispa, [p])
-        async with connect(f"ws://127.0.0.1:{d.port}/") as ws:
+        s, _ = await echo_server("u", port=shared.upstream_port)
+        reader, writer = await raw_client(shared.port)
+        assert await read_frame(reader) == (0x1, True, b"u")  # the server's greeting
+        # valid UTF-8 cut inside a sequence across two fragments, then invalid UTF-8
+        writer.write(frame(0x1, "é".encode()[:1], fin=False) + frame(0x0, "é".encode()[1:]))
+        assert await read_frame(reader) == (0x1, True, "é".encode())
+        writer.write(frame(0x1, b"\xff\xfe not utf-8"))
+        op, fin, payload = await asyncio.wait_for(read_frame(reader), 10)
+        assert op == 0x8 and struct.unpack("!H", payload[:2])[0] == 1007, payload
+        writer.close()
+        s.close()
+        await s.wait_closed()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert metric(shared, errors) == e0  # the 1007 was the endpoint's, not Dispa's
+
+
+def test_a_fragmented_message_from_the_websockets_library_arrives_whole(shared):
+    messages = 'dispa_websocket_messages_total{direction="to_upstream"}'
+    frames = 'dispa_websocket_frames_total{direction="to_upstream"}'
+    m0, f0 = metric(shared, messages), metric(shared, frames)
+
+    async def main():
+        s, _ = await echo_server("e", port=shared.upstream_port)
+        async with connect(f"ws://127.0.0.1:{shared.port}/") as ws:
             assert await ws.recv() == "e"
             await ws.send(iter(["frag", "ment", "ed"]))  # one message, three frames
             assert await ws.recv() == "fragmented"
         s.close()
-        return d
+        await s.wait_closed()
 
-    d = asyncio.run(asyncio.wait_for(main(), 30))
+    asyncio.run(asyncio.wait_for(main(), 30))
     # frames up: 3 fragments, the empty final continuation websockets ends an iterable
-    # with, and the close; messages up: 1
-    assert metric(d, 'dispa_websocket_messages_total{direction="to_upstream"}') == 1
-    assert metric(d, 'dispa_websocket_frames_total{direction="to_upstream"}') == 5
+    # with, and the close; messages up: 1 (counted when the tunnel ends: poll)
+    deadline = time.monotonic() + 10
+    while metric(shared, frames) - f0 < 5:
+        assert time.monotonic() < deadline, metric(shared, frames) - f0
+        time.sleep(0.05)
+    assert metric(shared, messages) - m0 == 1
+    assert metric(shared, frames) - f0 == 5
 
 
-def test_close_codes_and_reasons_pass_through_both_ways(dispa):
+def test_close_codes_and_reasons_pass_through_both_ways(shared):
     async def main():
         closes = []
-        s, p = await echo_server("c", closes)
-        d = start_dispa(dispa, [p])
-        async with connect(f"ws://127.0.0.1:{d.port}/") as ws:
+        s, _ = await echo_server("c", closes, port=shared.upstream_port)
+        async with connect(f"ws://127.0.0.1:{shared.port}/") as ws:
             await ws.recv()
             await ws.close(4321, "custom reason")
         assert ws.protocol.close_rcvd.code == 4321 and ws.protocol.close_rcvd.reason == "custom reason"
+        deadline = time.monotonic() + 5
+        while not closes:  # the server's side of the close handshake
+            assert time.monotonic() < deadline, "the server saw no close"
+            await asyncio.sleep(0.01)
+        s.close()
+        await s.wait_closed()
 
         async def closing_handler(w):
             await w.close(3001, "server says bye")
 
-        s2 = await serve(closing_handler, "127.0.0.1", 0)
-        d2 = start_dispa(dispa, [s2.sockets[0].getsockname()[1]])
-        async with connect(f"ws://127.0.0.1:{d2.port}/") as ws:
+        s2 = await serve(closing_handler, "127.0.0.1", shared.upstream_port)
+        async with connect(f"ws://127.0.0.1:{shared.port}/") as ws:
             with pytest.raises(ConnectionClosed):
                 await ws.recv()
         assert ws.protocol.close_rcvd.code == 3001 and ws.protocol.close_rcvd.reason == "server says bye"
-        await asyncio.sleep(0)
-        deadline = time.monotonic() + 5
-        while not closes and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
         assert closes == [(4321, "custom reason")]
-        s.close()
         s2.close()
+        await s2.wait_closed()
 
     asyncio.run(asyncio.wait_for(main(), 30))
 
 
-def test_an_unmasked_client_frame_is_closed_with_1002_on_both_sides(dispa):
+def test_an_unmasked_client_frame_is_closed_with_1002_on_both_sides(shared):
+    errors = 'dispa_websocket_closed_total{reason="protocol_error"}'
+    e0 = metric(shared, errors)
+
     async def main():
         closes = []
-        s, p = await echo_server("m", closes)
-        d = start_dispa(dispa, [p])
-        reader, writer = await raw_client(d.port)
+        s, _ = await echo_server("m", closes, port=shared.upstream_port)
+        reader, writer = await raw_client(shared.port)
         op, _, payload = await read_frame(reader)  # "m" from the server
         assert (op, payload) == (0x1, b"m")
         writer.write(frame(0x1, b"not masked", mask=False))
@@ -275,17 +326,17 @@ def test_an_unmasked_client_frame_is_closed_with_1002_on_both_sides(dispa):
         assert closes and closes[0][0] == 1002  # the server never saw the bad frame
         writer.close()
         s.close()
-        return d
+        await s.wait_closed()
 
-    d = asyncio.run(asyncio.wait_for(main(), 30))
-    assert metric(d, 'dispa_websocket_closed_total{reason="protocol_error"}') == 1
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert metric(shared, errors) - e0 == 1
 
 
-def test_a_masked_server_frame_is_closed_with_1002_on_both_sides(dispa):
+def test_a_masked_server_frame_is_closed_with_1002_on_both_sides(shared):
     async def main():
         up = RawUpstream()
-        d = start_dispa(dispa, [await up.start()])
-        async with connect(f"ws://127.0.0.1:{d.port}/") as ws:
+        await up.start(shared.upstream_port)
+        async with connect(f"ws://127.0.0.1:{shared.port}/") as ws:
             await asyncio.wait_for(up.connected.wait(), 10)
             up.writers[0].write(frame(0x1, b"masked by a server", mask=True))
             with pytest.raises(ConnectionClosed):
@@ -439,6 +490,7 @@ def test_a_client_that_stops_reading_stalls_the_upstream(dispa):
 
 def test_1000_concurrent_connections(dispa):
     n = 1000
+    peak = []  # dispa_websocket_connections when the last one opened
 
     async def main():
         s, p = await echo_server("many")
@@ -454,6 +506,8 @@ def test_1000_concurrent_connections(dispa):
                 assert await ws.recv() == "many"
             opened.append(ws)
             if len(opened) == n:
+                # every tunnel is open in Dispa at once (the greeting came through each)
+                peak.append(metric(d, "dispa_websocket_connections"))
                 all_open.set()
             await all_open.wait()
             await ws.send(f"m{i}")
@@ -468,6 +522,7 @@ def test_1000_concurrent_connections(dispa):
 
     d, elapsed = asyncio.run(asyncio.wait_for(main(), 120))
     print(f"1000 concurrent websocket connections: {elapsed:.1f} s")
+    assert peak == [n]
     assert metric(d, 'dispa_websocket_messages_total{direction="to_upstream"}') == n
     assert metric(d, 'dispa_websocket_messages_total{direction="to_downstream"}') == 2 * n
 

@@ -38,7 +38,10 @@ API (https://developer.hashicorp.com/consul/api-docs), not Dispa's expectations:
   legacy ``?token=``) must name a known token, else 403 "ACL not found"; a request without a
   token is the anonymous token, denied here ("Permission denied": Consul would filter
   reads to nothing, the double refuses them, which is the louder of the two); a ``read``
-  token may not write.
+  token may not write. A ``"none"`` token is valid but has no ``service:read``/``node:read``:
+  as Consul does for such a token, health and catalog queries answer 200 with the entries it
+  may not see filtered out (here: all of them) and ``X-Consul-Results-Filtered-By-ACLs:
+  true`` (Consul 1.12+).
 
 Not modelled: the ``filter`` expression language, ``near``, ``node-meta``, namespaces,
 sessions, KV ``cas``/locks, streaming. A request using them gets a 400 so that a client
@@ -108,7 +111,8 @@ class ConsulDouble:
         self.datacenters = {datacenter, *datacenters}
         self.node = node
         self.node_address = node_address
-        self.acl_tokens = acl_tokens  # token -> "read" | "write"; None = ACLs disabled
+        # token -> "none" | "read" | "write"; None = ACLs disabled
+        self.acl_tokens = acl_tokens
         self.jitter = jitter
         self.reap_interval = reap_interval
         self.min_deregister_after = min_deregister_after
@@ -403,6 +407,11 @@ class ConsulDouble:
             path = request.path
             write = request.method in ("PUT", "POST", "DELETE")
             self._acl(token, write)
+            if (self.acl_tokens is not None and self.acl_tokens.get(token) == "none"
+                    and path.startswith(("/v1/health/service/", "/v1/catalog/service/"))):
+                response = self._respond(self._table_index["services"], [])
+                response.headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+                return response
             if path.startswith("/v1/health/service/"):
                 return await self._health_service(request, path[len("/v1/health/service/"):])
             if path.startswith("/v1/catalog/service/"):

@@ -333,10 +333,23 @@ class K8sDouble:
             self._runner = None
 
     def close(self) -> None:
+        """Stop, cancel what is left on the double's loop, end the thread, close the loop
+        (no socket or loop left for the garbage collector to warn about)."""
         if self._thread.is_alive():
             self.stop()
+            asyncio.run_coroutine_threadsafe(self._cancel_rest(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
+
+    @staticmethod
+    async def _cancel_rest() -> None:
+        me = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks() if t is not me]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     @property
     def url(self) -> str:

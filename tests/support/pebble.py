@@ -68,7 +68,9 @@ class Pebble:
     """A running pebble; ``directory_url`` for clients, ``roots()`` for verification."""
 
     def __init__(self, directory: Path, *, dns_port: int, http_port: int = 0,
-                 tls_port: int = 0):
+                 tls_port: int = 0, eab_keys: dict[str, str] | None = None):
+        """``eab_keys``: External Account Binding key id -> base64url HMAC key; when
+        given, pebble refuses accounts without a binding to one of them."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.ca_bundle, cert, key = _write_tls_files(self.dir)
@@ -81,8 +83,10 @@ class Pebble:
             "managementListenAddress": f"127.0.0.1:{self.mgmt_port}",
             "certificate": str(cert), "privateKey": str(key),
             "httpPort": self.http_port, "tlsPort": self.tls_port,
-            "ocspResponderURL": "", "externalAccountBindingRequired": False,
+            "ocspResponderURL": "", "externalAccountBindingRequired": bool(eab_keys),
         }}
+        if eab_keys:
+            config["pebble"]["externalAccountMACKeys"] = dict(eab_keys)
         conf = self.dir / "pebble-config.json"
         conf.write_text(json.dumps(config))
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0",
@@ -125,6 +129,14 @@ class Pebble:
         with urllib.request.urlopen(f"https://127.0.0.1:{self.mgmt_port}/intermediates/0",
                                     context=self._ctx(), timeout=5.0) as r:
             return r.read()
+
+    def cert_status(self, serial: int) -> dict:
+        """Pebble's view of an issued certificate (management API): ``Status`` is
+        ``Valid`` or ``Revoked`` (with ``Reason``)."""
+        with urllib.request.urlopen(
+                f"https://127.0.0.1:{self.mgmt_port}/cert-status-by-serial/{serial:x}",
+                context=self._ctx(), timeout=5.0) as r:
+            return json.loads(r.read())
 
     def log(self) -> str:
         try:

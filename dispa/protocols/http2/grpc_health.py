@@ -22,6 +22,26 @@ import h2.events
 import h2.exceptions
 
 SERVING = 1
+_contexts: dict[tuple, ssl.SSLContext] = {}
+
+
+def h2_client_context(spec: dict | None) -> ssl.SSLContext:
+    """A client TLS context offering ALPN h2, for the settings of ``[tls.upstream]`` (or a
+    cluster's own table): shared by the upstream h2 pool and the gRPC health probe."""
+    spec = spec or {}
+    key = (bool(spec.get("verify", True)), spec.get("ca_file") or "",
+           spec.get("cert_file") or "", spec.get("key_file") or "")
+    ctx = _contexts.get(key)
+    if ctx is None:
+        ctx = ssl.create_default_context(cafile=key[1] or None)
+        if not key[0]:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if key[2]:
+            ctx.load_cert_chain(key[2], key[3] or None)
+        ctx.set_alpn_protocols(["h2"])
+        _contexts[key] = ctx
+    return ctx
 _PATH = b"/grpc.health.v1.Health/Check"
 
 

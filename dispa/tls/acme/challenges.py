@@ -30,13 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dispa.config.snapshot import PluginSpec, Snapshot, make_snapshot
+from dispa.tls.acme.http01 import FILTER_NAME as HTTP01_FILTER_NAME
 from dispa.tls.acme.http01 import TYPE as HTTP01_TYPE
 
 ACME_IDENTIFIER_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 ALPN_PROTOCOL = "acme-tls/1"
-# The filter instance name in the snapshot; a leading underscore keeps it apart from the
-# operator's [[plugins.plugins]] names, which are identifiers of their own.
-HTTP01_FILTER_NAME = "_acme_http01"
 
 
 def tls_alpn01_certificate(domain: str, key_authorization: str) -> tuple[str, str]:
@@ -101,9 +99,9 @@ class PendingChallenges:
 def with_challenges(snapshot: Snapshot, challenges: dict | None) -> Snapshot:
     """``snapshot`` (as compiled from the configuration, without challenges) plus
     ``challenges``: ``acme_challenges`` set and, while HTTP-01 tokens are pending, the
-    responder filter first in the global chain, before domain interception. With
-    ``challenges`` None it is ``snapshot`` itself (same version): nothing on the request
-    path."""
+    responder filter first in the global chain (the pipeline runs it before domain
+    interception, see ``http01``). With ``challenges`` None it is ``snapshot`` itself
+    (same version): nothing on the request path."""
     if not challenges:
         return snapshot
     pipeline = snapshot.pipeline
@@ -112,11 +110,9 @@ def with_challenges(snapshot: Snapshot, challenges: dict | None) -> Snapshot:
         responder = PluginSpec(name=HTTP01_FILTER_NAME, type=HTTP01_TYPE, stage="request",
                                error_strategy="continue", is_global=True,
                                config={"tokens": dict(http01)})
-        # apply_before_domain_match: the CA asks with the validated name as Host, which the
-        # interception list may not contain. While a challenge is pending this also runs
-        # the operator's global request filters before interception (docs/tls-acme.md).
-        pipeline = msgspec.structs.replace(pipeline, plugins=(responder, *pipeline.plugins),
-                                           apply_before_domain_match=True)
+        # apply_before_domain_match stays as configured: the pipeline recognises the
+        # responder by its name and runs it (only it) before interception
+        pipeline = msgspec.structs.replace(pipeline, plugins=(responder, *pipeline.plugins))
     return replace_fields(snapshot, pipeline=pipeline, acme_challenges=challenges)
 
 

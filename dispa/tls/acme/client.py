@@ -2,12 +2,12 @@
 
 Theory of operation
 -------------------
-The ``acme`` library is synchronous (``requests``) and sleeps while it polls, so every
-call into it runs in a thread, one at a time per client; the master's event loop never
-blocks. The thread is a daemon (``_in_thread``), not the loop's default executor: a
-shutdown during an order must not wait for the library's polling (up to
-``order_timeout``) to end. What must happen on the loop - publishing a challenge
-to the workers, a DNS update - goes through the :class:`Solver` the caller passes.
+This module runs in the issuer child process (``issuer``), never in the master. The
+``acme`` library is synchronous (``requests``), so every call into it runs in a thread,
+one at a time per client, and the event loop never blocks. The thread is a daemon
+(``_in_thread``), not the loop's default executor: nothing waits for it. What must happen
+elsewhere - publishing a challenge to the workers, a DNS update - goes through the
+:class:`Solver` the caller passes (in the child: a request to the master).
 
 Order of :meth:`AcmeClient.issue` (RFC 8555 §7.4):
 
@@ -19,9 +19,18 @@ Order of :meth:`AcmeClient.issue` (RFC 8555 §7.4):
    download the chain;
 4. ``solver.cleanup`` every presented challenge, whatever happened.
 
+Polling (step 3) is done here, not by the library's ``poll_and_finalize``: that one sleeps
+in its thread until ``order_timeout``, so a shutdown or a reconfiguration during an order
+would leave a thread talking to the CA for minutes. Here each thread does exactly one HTTP
+request (bounded by ``timeout``) and the waits between polls are ``asyncio.sleep`` on the
+loop (Retry-After honoured, 0.2 s doubling to 2 s otherwise): a cancelled issuance leaves
+at most one request in flight.
+
 The account key (EC P-256, ES256) and the account URL are kept in the storage under
 ``accounts/<server>/account.json``; a stored key is re-registered with
 ``onlyReturnExisting`` semantics (``newAccount`` answers 200 with the existing account).
+External Account Binding (RFC 8555 §7.3.4: ZeroSSL, Google, Sectigo, ...) signs the
+account key with the CA-issued ``eab_kid`` / ``eab_hmac_key`` at registration.
 
 ``acme`` 2.x+ dropped TLS-ALPN-01; :class:`TLSALPN01` restores the challenge type (its
 response body is ``{}`` like the others).
@@ -30,12 +39,9 @@ response body is ``{}`` like the others).
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import logging
-import re
 import threading
-import urllib.parse
 from typing import Protocol
 
 import josepy as jose
@@ -44,16 +50,14 @@ from acme import challenges, client, crypto_util, errors, messages
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from dispa.tls.acme.storage import Storage, dumps
+from dispa.tls.acme.errors import AcmeError
+from dispa.tls.acme.storage import Storage, account_key_name, dumps, server_id
+
+__all__ = ["AcmeClient", "AcmeError", "Solver", "new_private_key", "server_id"]
 
 log = logging.getLogger("dispa.acme")
 
 USER_AGENT = "dispa-acme"
-
-
-class AcmeError(Exception):
-    """Issuance failed (network, CA refusal, failed validation, timeout); the message
-    says which step and why."""
 
 
 class TLSALPN01Response(challenges.KeyAuthorizationChallengeResponse):
@@ -103,20 +107,16 @@ def new_private_key(key_type: str) -> bytes:
                              serialization.NoEncryption())
 
 
-def server_id(directory_url: str) -> str:
-    """A directory-safe name for the ACME server (accounts are per server)."""
-    u = urllib.parse.urlsplit(directory_url)
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", f"{u.netloc}{u.path}").strip("_") or "acme"
-
-
 class AcmeClient:
     """One ACME account at one server (see the module docstring)."""
 
     def __init__(self, directory_url: str, storage: Storage, *, email: str = "",
-                 ca_bundle: str = "", timeout: int = 30):
+                 ca_bundle: str = "", timeout: int = 30, eab_kid: str = "",
+                 eab_hmac_key: str = ""):
         self.directory_url = directory_url
         self.storage = storage
         self.email = email
+        self.eab = (eab_kid, eab_hmac_key) if eab_kid else None
         self.verify: bool | str = ca_bundle or True
         self.timeout = timeout
         self._client: client.ClientV2 | None = None
@@ -125,7 +125,7 @@ class AcmeClient:
 
     @property
     def account_key_name(self) -> str:
-        return f"accounts/{server_id(self.directory_url)}/account.json"
+        return account_key_name(self.directory_url)
 
     async def _account(self) -> client.ClientV2:
         if self._client is not None:
@@ -152,8 +152,14 @@ class AcmeClient:
                                    user_agent=USER_AGENT, timeout=self.timeout)
         directory = client.ClientV2.get_directory(self.directory_url, net)
         c = client.ClientV2(directory, net)
+        eab = None
+        if self.eab is not None:
+            eab = messages.ExternalAccountBinding.from_data(
+                account_public_key=key.public_key(), kid=self.eab[0], hmac_key=self.eab[1],
+                directory=directory)
         reg = messages.NewRegistration.from_data(
-            email=self.email or None, terms_of_service_agreed=True)
+            email=self.email or None, terms_of_service_agreed=True,
+            external_account_binding=eab)
         try:
             c.new_account(reg)
         except errors.ConflictError as exc:
@@ -192,9 +198,29 @@ class AcmeClient:
                 self._client = None
                 raise AcmeError(f"{type(exc).__name__}: {exc}") from None
 
+    async def revoke(self, fullchain_pem: bytes, reason: int = 4) -> None:
+        """Revoke the leaf of ``fullchain_pem`` with the account key (RFC 8555 §7.6);
+        ``reason`` 4 is *superseded* (RFC 5280 §5.3.1). Raises :class:`AcmeError`."""
+        from cryptography import x509
+
+        async with self._lock:
+            try:
+                c = await self._account()
+                cert = x509.load_pem_x509_certificate(fullchain_pem)
+                await _in_thread(c.revoke, cert, reason)
+            except messages.Error as exc:
+                raise AcmeError(f"the CA refused the revocation: {exc}") from None
+            except requests.RequestException as exc:
+                self._client = None
+                raise AcmeError(f"ACME server {self.directory_url} unreachable: "
+                                f"{_root_cause(exc)}") from None
+            except (errors.Error, OSError, ValueError) as exc:
+                raise AcmeError(f"{type(exc).__name__}: {exc}") from None
+
     async def _issue(self, names, challenge_type, solver, key_type, timeout):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         c = await self._account()
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
         key_pem = await _in_thread(new_private_key, key_type)  # RSA-4096: about a second
         csr_pem = crypto_util.make_csr(key_pem, list(names))
         orderr = await _in_thread(c.new_order, csr_pem)
@@ -223,16 +249,76 @@ class AcmeClient:
                 presented.append(args)
                 todo.append(challb)
             for challb in todo:
-                await _in_thread(c.answer_challenge, challb,
-                                        challb.chall.response(self._key))
-            orderr = await _in_thread(c.poll_and_finalize, orderr, deadline)
+                await _in_thread(c.answer_challenge, challb, challb.chall.response(self._key))
+            await _poll_authorizations(c, orderr, deadline)
         finally:
             for args in presented:
                 try:
                     await solver.cleanup(*args)
                 except Exception as exc:  # noqa: BLE001 - cleanup is best effort
                     log.warning("acme: cleanup of %s for %s failed: %s", args[0], args[1], exc)
-        return orderr.fullchain_pem.encode("ascii"), key_pem
+        fullchain = await _finalize(c, orderr, deadline)
+        return fullchain.encode("ascii"), key_pem
+
+
+def _retry_after(response, default: float) -> float:
+    """Seconds from a Retry-After header in seconds (RFC 9110 §10.2.3), else ``default``;
+    a date form is rare at ACME servers and falls back to ``default``."""
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except (TypeError, ValueError):
+        return default
+
+
+async def _sleep_before(deadline: float, seconds: float) -> None:
+    """Wait ``seconds`` on the loop, or raise the library's TimeoutError when that would
+    pass ``deadline`` (loop time)."""
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise errors.TimeoutError()
+    await asyncio.sleep(min(seconds, left))
+
+
+async def _poll_authorizations(c: client.ClientV2, orderr, deadline: float) -> None:
+    """Poll each authorisation until it is decided (one request per thread, waits on the
+    loop); raise ``errors.ValidationError`` if one is not valid."""
+    failed = []
+    for authzr in orderr.authorizations:
+        delay = 0.2
+        while authzr.body.status == messages.STATUS_PENDING:
+            authzr, response = await _in_thread(c.poll, authzr)
+            if authzr.body.status != messages.STATUS_PENDING:
+                break
+            await _sleep_before(deadline, _retry_after(response, delay))
+            delay = min(delay * 2, 2.0)
+        if authzr.body.status != messages.STATUS_VALID:
+            failed.append(authzr)
+    if failed:
+        raise errors.ValidationError(failed)
+
+
+async def _finalize(c: client.ClientV2, orderr, deadline: float) -> str:
+    """Send the CSR, poll the order until it is valid, download the chain (RFC 8555 §7.4)."""
+    try:
+        await _in_thread(c.begin_finalization, orderr)
+    except messages.Error as exc:
+        if exc.code != "orderNotReady":  # not ready yet: finalise again once it is
+            raise
+    delay = 0.2
+    while True:
+        # POST-as-GET (RFC 8555 §6.3); the library has no public one-shot order poll
+        response = await _in_thread(c._post_as_get, orderr.uri)
+        body = messages.Order.from_json(response.json())
+        if body.status == messages.STATUS_VALID and body.certificate is not None:
+            cert = await _in_thread(c._post_as_get, body.certificate)
+            return cert.text
+        if body.status == messages.STATUS_INVALID:
+            raise AcmeError("the CA abandoned the order: "
+                            f"{body.error or 'no detail from the CA'}")
+        if body.status == messages.STATUS_READY:
+            await _in_thread(c.begin_finalization, orderr)
+        await _sleep_before(deadline, _retry_after(response, delay))
+        delay = min(delay * 2, 2.0)
 
 
 async def _in_thread(fn, *args):

@@ -147,6 +147,9 @@ class ExecProvider:
             await proc.wait()
             raise Dns01Error(f"{self.argv[0]} {action} did not finish within "
                              f"{self.timeout:g}s") from None
+        except asyncio.CancelledError:
+            proc.kill()  # shutdown or reload during the hook: leave no orphan behind
+            raise
         if proc.returncode != 0:
             tail = out.decode("utf-8", "replace").strip()[-500:]
             raise Dns01Error(f"{self.argv[0]} {action} exited with {proc.returncode}: {tail}")

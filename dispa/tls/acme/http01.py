@@ -2,12 +2,16 @@
 is pending.
 
 Theory of operation: the master publishes a snapshot whose pipeline starts with this
-filter (see ``challenges.with_challenges``), with the pending ``token -> key
-authorization`` map as its config, and with ``apply_before_domain_match`` on, so the
-answer comes for any Host (the CA asks for the name being validated, which the domain
-interception may not list) and before routing rules (an HTTP -> HTTPS redirect route
-must not hide the challenge). When nothing is pending the snapshot has no such filter
-and the request path is exactly the configured one: the responder costs nothing then.
+filter (see ``challenges.with_challenges``), named :data:`FILTER_NAME`, with the pending
+``token -> key authorization`` map as its config. The worker's pipeline
+(``dispa.proxy.pipeline``) knows the name: it lets requests for hosts outside the domain
+interception reach this filter (the CA asks for the name being validated, which the
+interception may not list) and, unless ``apply_before_domain_match`` is on, answers
+everything else for them with the usual rejection, without running the operator's global
+filters. As the first global filter it also runs before routing rules (an HTTP -> HTTPS
+redirect route must not hide the challenge). When nothing is pending the snapshot has no
+such filter and the request path is exactly the configured one: the responder costs
+nothing then.
 
 ``on_request`` is one ``str.startswith`` and one dict lookup; a request for a path
 outside ``/.well-known/acme-challenge/`` or an unknown token goes on unchanged.
@@ -19,12 +23,15 @@ import msgspec
 
 from dispa.plugins.api import BuildContext, Filter, Request, Response
 
-__all__ = ["AcmeHttp01", "AcmeHttp01Config", "PREFIX", "TYPE"]
+__all__ = ["AcmeHttp01", "AcmeHttp01Config", "FILTER_NAME", "PREFIX", "TYPE"]
 
 PREFIX = "/.well-known/acme-challenge/"
 # The plugin type the master puts in the snapshot: an import path, so the filter needs no
 # entry point and never shows among the operator's plugin types.
 TYPE = "dispa.tls.acme.http01:AcmeHttp01"
+# The filter instance name in the snapshot; a leading underscore keeps it apart from the
+# operator's [[plugins.plugins]] names, which are identifiers of their own.
+FILTER_NAME = "_acme_http01"
 
 
 class AcmeHttp01Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

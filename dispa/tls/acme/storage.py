@@ -32,7 +32,9 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
+import urllib.parse
 from typing import Protocol
 
 log = logging.getLogger("dispa.acme")
@@ -60,6 +62,17 @@ class Storage(Protocol):
     async def try_lock(self) -> Lock | None: ...
 
     async def close(self) -> None: ...
+
+
+def server_id(directory_url: str) -> str:
+    """A directory-safe name for the ACME server (accounts are per server)."""
+    u = urllib.parse.urlsplit(directory_url)
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", f"{u.netloc}{u.path}").strip("_") or "acme"
+
+
+def account_key_name(directory_url: str) -> str:
+    """The storage key of the account at that server."""
+    return f"accounts/{server_id(directory_url)}/account.json"
 
 
 def _private(key: str) -> bool:
@@ -91,7 +104,10 @@ class DirectoryStorage:
             raise StorageError(f"cannot read {self.path(key)}: {exc.strerror or exc}") from None
 
     async def put(self, key: str, data: bytes) -> None:
-        write_atomic(self.path(key), data, 0o600 if _private(key) else 0o644)
+        # in a thread: the two fsyncs can take seconds on a busy disk, and the master's
+        # loop also serves /health and supervises the workers
+        await asyncio.to_thread(write_atomic, self.path(key), data,
+                                0o600 if _private(key) else 0o644)
 
     async def try_lock(self) -> "_FlockLock | None":
         try:
@@ -156,6 +172,16 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
 
 # ------------------------------------------------------------------ etcd
 
+class _Again(Exception):
+    """Internal: repeat the request once on the same endpoint."""
+
+
+def _etcd_error(data) -> str:
+    if isinstance(data, dict):
+        return str(data.get("error") or data.get("message") or data)[:300]
+    return str(data)[:300]
+
+
 def _b64(s: str | bytes) -> str:
     return base64.b64encode(s.encode() if isinstance(s, str) else s).decode("ascii")
 
@@ -184,26 +210,48 @@ class EtcdStorage:
                 timeout=aiohttp.ClientTimeout(total=self.timeout))
         last: Exception | None = None
         for endpoint in self.endpoints:
-            try:
-                if self.username and self._token is None:
-                    async with self._session.post(
-                            f"{endpoint}/v3/auth/authenticate",
-                            json={"name": self.username, "password": self.password}) as r:
-                        data = await r.json(content_type=None)
-                        if r.status != 200 or "token" not in data:
-                            raise StorageError(f"etcd authentication failed: {data}")
-                        self._token = data["token"]
-                headers = {"Authorization": self._token} if self._token else {}
-                async with self._session.post(f"{endpoint}{path}", json=body,
-                                              headers=headers) as r:
-                    data = await r.json(content_type=None)
-                    if r.status != 200:
-                        raise StorageError(f"etcd {path}: HTTP {r.status}: "
-                                           f"{data.get('error') or data.get('message') or data}")
-                    return data
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                last = exc  # try the next endpoint
+            for attempt in (1, 2, 3):  # a dead pooled connection, then an expired token
+                try:
+                    return await self._post(endpoint, path, body)
+                except _Again as exc:
+                    last = exc.__cause__ or exc
+                    if attempt == 3:
+                        break
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                    last = exc  # try the next endpoint
+                    break
         raise StorageError(f"etcd unreachable ({', '.join(self.endpoints)}): {last}")
+
+    async def _post(self, endpoint: str, path: str, body: dict) -> dict:
+        """One request; raises ``_Again`` when it is worth repeating at once on the same
+        endpoint: a pooled connection etcd had closed (a restart), or an expired token
+        (etcd's simple tokens live ``--auth-token-ttl``, 300 s by default, and renewals
+        are days apart: log in again)."""
+        import aiohttp
+
+        try:
+            if self.username and self._token is None:
+                async with self._session.post(
+                        f"{endpoint}/v3/auth/authenticate",
+                        json={"name": self.username, "password": self.password}) as r:
+                    data = await r.json(content_type=None)
+                    if r.status != 200 or "token" not in data:
+                        raise StorageError(f"etcd authentication failed: {_etcd_error(data)}")
+                    self._token = data["token"]
+            headers = {"Authorization": self._token} if self._token else {}
+            async with self._session.post(f"{endpoint}{path}", json=body,
+                                          headers=headers) as r:
+                data = await r.json(content_type=None)
+        except aiohttp.ServerDisconnectedError as exc:
+            raise _Again() from exc
+        if not isinstance(data, dict):
+            data = {"error": data}
+        if self.username and (r.status == 401 or data.get("code") == 16):
+            self._token = None
+            raise _Again(f"etcd refused the token: {_etcd_error(data)}")
+        if r.status != 200:
+            raise StorageError(f"etcd {path}: HTTP {r.status}: {_etcd_error(data)}")
+        return data
 
     async def get(self, key: str) -> bytes | None:
         data = await self._call("/v3/kv/range", {"key": _b64(self.prefix + key)})
@@ -246,21 +294,33 @@ class EtcdStorage:
 
 
 class _EtcdLock:
-    """The lock key's lease, kept alive every ttl/3 seconds until released."""
+    """The lock key's lease, kept alive every ttl/3 seconds until released.
+
+    ``lost`` turns True when etcd says the lease is gone (it expired while etcd was out of
+    reach): another box may be renewing too. The renewal in progress goes on (two valid
+    certificates are harmless; the last one written wins) and the error is logged."""
 
     def __init__(self, storage: EtcdStorage, lease: str):
         self._storage = storage
         self.lease = lease
+        self.lost = False
         self._task: asyncio.Task | None = asyncio.ensure_future(self._keepalive())
 
     async def _keepalive(self) -> None:
-        period = max(1.0, self._storage.lock_ttl / 3)
-        while True:
+        period = max(0.5, self._storage.lock_ttl / 3)
+        while not self.lost:
             await asyncio.sleep(period)
             try:
-                await self._storage._call("/v3/lease/keepalive", {"ID": self.lease})
+                res = await self._storage._call("/v3/lease/keepalive", {"ID": self.lease})
             except StorageError as exc:
                 log.warning("acme: etcd lock keepalive failed: %s", exc)
+                continue
+            # the gateway streams {"result": {"ID", "TTL"}}; an expired lease has no TTL
+            if int((res.get("result") or res).get("TTL") or 0) <= 0:
+                self.lost = True
+                log.error("acme: the etcd renewal lock expired while held (etcd was out of "
+                          "reach for over %ss); another box may renew as well",
+                          self._storage.lock_ttl)
 
     async def release(self) -> None:
         if self._task is not None:

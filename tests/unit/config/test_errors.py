@@ -51,9 +51,8 @@ CASES = [
                  ">= 200", id="reject-status"),
     pytest.param('[targets]\nmax_retries = -1\n' + TARGETS, "targets.max_retries", 2, ">= 0",
                  id="retries"),
-    pytest.param('[[targets.targets]]\nname = "a"\nurl = "https://x:443"\n',
-                 "targets.targets[0].url", 3, "https upstreams are not supported yet (TLS issue)",
-                 id="https"),
+    pytest.param('[[targets.targets]]\nname = "a"\nurl = "https://x:443/p"\n',
+                 "targets.targets[0].url", 3, "may not have a path", id="https"),
     pytest.param('[[targets.targets]]\nname = "a"\nurl = "ftp://x"\n',
                  "targets.targets[0].url", 3, "scheme", id="ftp"),
     pytest.param('[[targets.targets]]\nname = "a"\nurl = "http://x/api"\n',
@@ -129,7 +128,7 @@ intercept_domains = ["ok.com", "b@d"]
 
 [[targets.targets]]
 name = "a"
-url = "https://a"
+url = "gopher://a"
 
 [[targets.targets]]
 name = "a"

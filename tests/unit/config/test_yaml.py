@@ -36,7 +36,7 @@ targets:
     - name: a
       url: http://a
     - name: b
-      url: https://b
+      url: gopher://b
       wieght: 3
 domains:
   intercept_domains:

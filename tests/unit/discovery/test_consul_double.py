@@ -141,11 +141,11 @@ def test_blocking_query_without_change_waits_until_wait_then_answers(consul):
     status, h2, body = consul.api("GET", f"/v1/health/service/api?index={index}&wait=500ms")
     elapsed = time.monotonic() - t0
     assert status == 200 and int(h2["x-consul-index"]) == index and body == []
-    assert 0.45 <= elapsed < 3
+    assert 0.45 <= elapsed < 5  # answered at wait, not at a 10 s default
     # index=0 never blocks
     t0 = time.monotonic()
     consul.api("GET", "/v1/health/service/api?index=0&wait=10s")
-    assert time.monotonic() - t0 < 1
+    assert time.monotonic() - t0 < 5  # far below wait=10s
 
 
 def test_jitter_adds_at_most_wait_over_16():
@@ -154,7 +154,7 @@ def test_jitter_adds_at_most_wait_over_16():
         t0 = time.monotonic()
         d.api("GET", f"/v1/kv/x?recurse&index={h['x-consul-index']}&wait=800ms")
         elapsed = time.monotonic() - t0
-        assert 0.8 <= elapsed < 0.8 + 0.05 + 1.0
+        assert 0.8 <= elapsed < 0.8 + 0.05 + 2.0  # (+ scheduling slack on a busy host)
 
 
 def test_tag_filter_requires_every_tag_and_dc_selects_the_datacenter(consul):
@@ -222,7 +222,7 @@ def test_rewind_makes_the_index_go_backwards(consul):
 
 
 def test_acl_tokens():
-    with ConsulDouble(acl_tokens={"reader": "read", "writer": "write"}) as d:
+    with ConsulDouble(acl_tokens={"reader": "read", "writer": "write", "blind": "none"}) as d:
         assert d.api("GET", "/v1/health/service/api", token="bogus")[::2] == (403, "ACL not found")
         assert d.api("GET", "/v1/health/service/api")[::2] == (403, "Permission denied")
         assert d.api("GET", "/v1/health/service/api", token="reader")[0] == 200
@@ -231,6 +231,12 @@ def test_acl_tokens():
             (403, "Permission denied")
         assert d.api("PUT", "/v1/agent/service/register", body, token="writer")[0] == 200
         assert d.requests[-1][3] == "writer"
+        # a valid token without service:read: Consul filters, and says so in a header
+        status, headers, entries = d.api("GET", "/v1/health/service/api", token="blind")
+        assert (status, entries) == (200, [])
+        assert headers["x-consul-results-filtered-by-acls"] == "true"
+        assert "x-consul-results-filtered-by-acls" not in d.api(
+            "GET", "/v1/health/service/api", token="reader")[1]
 
 
 def test_stop_keeps_state_and_start_serves_on_the_same_port(consul):

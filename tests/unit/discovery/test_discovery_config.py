@@ -173,6 +173,24 @@ provider = "etcd"
         "edge", ["a"], {"zone": "z1"}, 10.0, "etcd")
 
 
+def test_self_registration_with_a_provider_that_cannot_register_is_refused():
+    text = STATIC + """
+[service_discovery]
+provider = "consul"
+[service_discovery.register]
+provider = "dns"
+"""
+    assert errors(text) == [(line(text, 'provider = "dns"'), "service_discovery.register.provider",
+                             "the dns provider cannot register this node (consul and etcd can)")]
+    text = STATIC + """
+[service_discovery]
+provider = "kubernetes"
+[service_discovery.register]
+"""
+    assert [(n, path) for n, path, _ in errors(text)] == [
+        (line(text, 'provider = "kubernetes"'), "service_discovery.provider")]
+
+
 # ---------------------------------------------------------------- docs
 
 def _section(text: str, heading: str) -> str:

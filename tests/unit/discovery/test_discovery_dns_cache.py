@@ -131,3 +131,14 @@ def test_nxdomain_in_the_cache_is_an_empty_answer_not_an_error():
 def test_resolver_addresses(text, expected):
     from dispa.discovery.config import resolver_address
     assert resolver_address(text) == expected
+
+
+def test_names_nobody_asks_for_any_more_are_pruned():
+    """SRV targets come and go: their expired entries must not pile up forever."""
+    now = [0.0]
+    cache = DnsCache(min_ttl=1, max_ttl=10, negative_ttl=1, clock=lambda: now[0])
+    for n in range(1000):
+        cache.put(f"t{n}.example.", "A", ("10.0.0.1",), ttl=1)
+        now[0] += 0.1  # each entry lives 1 s: about ten are live at any time
+    assert len(cache) < 64 * 2
+    assert cache.get("t999.example.", "A") is not None  # live entries are kept

@@ -1,5 +1,5 @@
 """The provider interface's helpers: Backoff (exponential, full jitter, capped, reset) and
-ProviderHealth (starting -> ok -> stale, staleness), plus the provider registry."""
+ProviderHealth (starting -> ok | stale, staleness), plus the provider registry."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def test_health_states_and_staleness(monkeypatch):
     monkeypatch.setattr(prov.time, "time", lambda: now[0])
     h = ProviderHealth()
     assert h.state == "starting" and h.staleness_seconds() == float("inf")
-    h.failed("refused")  # never answered: still starting, but the error counts
-    assert h.state == "starting" and h.errors == 1
+    h.failed("refused")  # never answered: stale at once (an outage must show), no success
+    assert h.state == "stale" and h.errors == 1 and h.last_success is None
     assert h.as_dict()["staleness_seconds"] is None
     h.ok()
     assert h.state == "ok" and h.staleness_seconds() == 0.0 and h.last_error is None

@@ -223,13 +223,41 @@ def test_updates_are_published_merged_and_throttled():
         second = await pub.next()
         assert len(cluster(second, "api").endpoints) == 28
         assert pub.times[1] - pub.times[0] >= 0.3 - 0.01
-        p.push(eset("api", *[ep(f"10.0.1.{i}") for i in range(1, 30)]))  # a duplicate
-        p.push(eset("api", ep("10.0.2.1")))
+        p.push(eset("api", *[ep(f"10.0.1.{i}") for i in range(1, 30)]))
+        p.push(eset("api", ep("10.0.2.1")))  # replaces the queued one: only the last counts
         third = await pub.next()
         assert ids(third, "api") == ["10.0.2.1:80"]
-        assert w.publishes == 3 and w.duplicates == 1
+        assert w.publishes == 3 and w.coalesced >= 28
+        p.push(eset("api", ep("10.0.2.1"), revision="9"))  # a duplicate
+        await until_w(lambda: w.revisions[("dns", "api")] == "9")
+        assert w.duplicates == 1 and w.publishes == 3
         await w.stop()
         assert p.closed
+    asyncio.run(main())
+
+
+async def until_w(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_a_fast_provider_never_queues_more_than_one_set_per_service():
+    """Emitting faster than the watcher reads (it is busy publishing) must not pile up
+    complete sets: a newer set replaces the queued one of its service."""
+    async def main():
+        w, pub = make_watcher(snapshot(a=(), b=()), {"a": src("x"), "b": src("y")})
+        big = [ep(f"10.1.{i // 250}.{i % 250}") for i in range(2000)]
+        for n in range(500):  # no await: the consumer cannot run in between
+            w.emit(eset("x", *big[:n + 1]))
+            w.emit(eset("y", *big[:2], revision=str(n)))
+        assert w.queue.qsize() == 2 and w.coalesced == 2 * 499
+        await w.start()
+        await until_w(lambda: w.revisions.get(("dns", "y")) == "499")
+        assert len(w.sets[("dns", "x")].endpoints) == 500
+        assert w.queue.qsize() == 0 and not w._inbox
+        await w.stop()
     asyncio.run(main())
 
 
@@ -245,12 +273,12 @@ def test_a_registry_error_keeps_the_last_known_good_set_and_says_stale():
         p.health.last_success -= 3  # the last answer is 3 s old, then the registry fails
         p.fail("connection refused")
         assert ids(w.merge(base), "api") == ["10.0.1.1:80"]
-        st = w.status()
+        st = w.status(pub.snapshots[-1], base)
         assert st["providers"]["dns"]["state"] == "stale"
         assert st["providers"]["dns"]["last_error"] == "connection refused"
         assert st["clusters"]["api"] == {
             "provider": "dns", "service": "api", "state": "discovered", "revision": "7",
-            "endpoints": 1, "keep_static": False,
+            "endpoints": 1, "discovered": 1, "pending": False, "keep_static": False,
             "updated_at": st["clusters"]["api"]["updated_at"], "provider_state": "stale"}
         gauges = {(g[0], tuple(g[2].items())): g[3] for g in w.gauges(w.merge(base))}
         assert gauges[("dispa_discovery_staleness_seconds", (("provider", "dns"),))] >= 3
@@ -259,6 +287,63 @@ def test_a_registry_error_keeps_the_last_known_good_set_and_says_stale():
         assert gauges[("dispa_discovery_endpoints", (("cluster", "api"),))] == 1
         # gauges count the snapshot in force
         assert w.gauges(base)[-1][3] == 1 and w.gauges(snapshot(api=()))[-1][3] == 0
+        await w.stop()
+    asyncio.run(main())
+
+
+def test_status_counts_the_published_snapshot_and_says_when_a_set_is_pending():
+    """``endpoints`` is what the workers were sent, not the watcher's latest set: a test
+    (or an operator) waiting on it must not pass before the throttled publish."""
+    async def main():
+        base = snapshot(api=static("10.0.0.9"))
+        w, pub = make_watcher(base, {"api": src(keep_static=True)}, throttle=30.0)
+        await w.start()
+        p = w.providers["dns"]
+        await asyncio.wait_for(p.running.wait(), 5)
+        st = w.status(base, base)["clusters"]["api"]
+        assert (st["state"], st["endpoints"], st["discovered"], st["pending"]) == \
+            ("waiting", 1, None, False)
+        p.push(eset("api", ep("10.0.1.1")))
+        first = await pub.next()  # the first change publishes at once
+        st = w.status(first, base)["clusters"]["api"]
+        assert (st["endpoints"], st["discovered"], st["pending"]) == (2, 1, False)
+        # the next change waits for the throttle window: discovered, not yet published
+        p.push(eset("api", ep("10.0.1.1"), ep("10.0.1.2")))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if w.sets[("dns", "api")].endpoints != (ep("10.0.1.1"),):
+                break
+        st = w.status(first, base)["clusters"]["api"]
+        assert (st["endpoints"], st["discovered"], st["pending"]) == (2, 2, True)
+        # keep_static: the published cluster is static + discovered, and not pending
+        second = w.merge(base)
+        st = w.status(second, base)["clusters"]["api"]
+        assert (st["endpoints"], st["discovered"], st["pending"]) == (3, 2, False)
+        # an endpoint leaving the set is pending too until published (offered directly:
+        # the consumer is asleep in its throttle window)
+        assert w.offer(eset("api", ep("10.0.1.2")))
+        assert w.status(second, base)["clusters"]["api"]["pending"] is True
+        await w.stop()
+    asyncio.run(main())
+
+
+def test_a_registry_that_never_answers_is_stale_and_the_static_targets_serve():
+    async def main():
+        base = snapshot(api=static("10.0.0.9"))
+        w, _ = make_watcher(base, {"api": src()})
+        w._started_at -= 4  # the master started 4 s ago
+        await w.start()
+        p = w.providers["dns"]
+        await asyncio.wait_for(p.running.wait(), 5)
+        p.fail("connection refused")
+        st = w.status(base, base)
+        assert st["providers"]["dns"]["state"] == "stale"
+        assert st["providers"]["dns"]["last_success"] is None
+        assert st["providers"]["dns"]["staleness_seconds"] >= 4
+        cl = st["clusters"]["api"]
+        assert (cl["state"], cl["endpoints"], cl["pending"], cl["provider_state"]) == \
+            ("waiting", 1, False, "stale")
+        assert w.merge(base) is base
         await w.stop()
     asyncio.run(main())
 
@@ -318,6 +403,47 @@ def test_reconfigure_restarts_changed_providers_only_and_forgets_unused_sets():
     asyncio.run(main())
 
 
+def test_merge_for_a_reload_binds_the_new_sources_and_changes_nothing_in_force():
+    """A reload is merged before it is known to succeed: the running providers, sources
+    and sets must stay as they are until the master commits it with ``reconfigure``."""
+    async def main():
+        FakeProvider.built.clear()
+        w, pub = make_watcher(snapshot(a=(), b=()), {"a": src("x"), "b": src("y")})
+        await w.start()
+        p = w.providers["dns"]
+        await asyncio.wait_for(p.running.wait(), 5)
+        p.push(eset("x", ep("10.0.0.1")))
+        p.push(eset("y", ep("10.0.0.2")))
+        await pub.next()
+        bindings, sets = dict(w.bindings), dict(w.sets)
+        # the reload swaps the clusters' services and drops "y" from "b"
+        merged = w.merge_for(w.settings, {"a": src("y")}, snapshot(a=(), b=static("10.9.9.9")))
+        assert ids(merged, "a") == ["10.0.0.2:80"] and ids(merged, "b") == ["10.9.9.9:80"]
+        assert w.providers["dns"] is p and not p.closed and len(FakeProvider.built) == 1
+        assert w.bindings == bindings and w.sets == sets
+        assert w.merge(snapshot(a=(), b=())) == pub.snapshots[-1]
+        await w.stop()
+    asyncio.run(main())
+
+
+def test_a_registration_provider_that_cannot_be_built_is_logged_not_raised(caplog):
+    async def main():
+        def broken(kind, settings, sources):
+            if not sources:
+                raise ImportError("No module named 'aiohttp'")
+            return FakeProvider(kind, settings, sources)
+        w = DiscoveryWatcher(ServiceDiscoveryConfig(provider="dns"), {"api": src()},
+                             lambda: asyncio.sleep(0), factory=broken)
+        await w.start()
+        w.start_registration(Instance(service="dispa", id="d", host="h", port=1), "consul")
+        task = w._register_task
+        await asyncio.wait_for(task, 5)  # ends, without an exception nobody would retrieve
+        assert task.exception() is None and w.status()["registered"] is None
+        await w.stop()
+    asyncio.run(main())
+    assert "cannot start" in caplog.text and "aiohttp" in caplog.text
+
+
 def test_self_registration_retries_and_deregisters():
     async def main():
         w, _ = make_watcher(snapshot(api=()), {"api": src()})
@@ -333,6 +459,27 @@ def test_self_registration_retries_and_deregisters():
         assert p.deregistered == 1 and w.status()["registered"] is None
         await w.deregister()  # idempotent
         assert p.deregistered == 1
+        await w.stop()
+    asyncio.run(main())
+
+
+def test_a_reloaded_registration_is_replaced_only_when_it_changed():
+    async def main():
+        w, _ = make_watcher(snapshot(api=()), {"api": src()})
+        await w.start()
+        p = w.providers["dns"]
+        one = Instance(service="dispa", id="d-1", host="10.0.0.5", port=8080, tags=("a",))
+        two = Instance(service="dispa", id="d-1", host="10.0.0.5", port=8080, tags=("a", "b"))
+        w.start_registration(one, "dns")
+        await asyncio.wait_for(w._register_task, 5)
+        await w.set_registration(one, "dns")  # unchanged: the registration carries on
+        assert p.registered == [one] and p.deregistered == 0
+        await w.set_registration(two, "dns")  # changed: withdrawn, then registered anew
+        await asyncio.wait_for(w._register_task, 5)
+        assert p.registered == [one, two] and p.deregistered == 1
+        assert list(w.status()["registered"]["tags"]) == ["a", "b"]
+        await w.set_registration(None)  # the table is gone
+        assert p.deregistered == 2 and w.status()["registered"] is None
         await w.stop()
     asyncio.run(main())
 

@@ -295,8 +295,9 @@ def test_a_stopped_api_server_keeps_the_last_good_set_and_reports_stale_then_res
             emitted = len(r.sets)
             api.stop()
             await r.until(lambda: r.provider.health.state == "stale", "stale")
-            await asyncio.sleep(0.3)  # several failed reconnects: still nothing emitted
-            assert len(r.sets) == emitted
+            errors = r.provider.health.errors
+            await r.until(lambda: r.provider.health.errors >= errors + 3, "failed reconnects")
+            assert len(r.sets) == emitted  # several failed reconnects: nothing emitted
             status = r.provider.status()
             assert status["state"] == "stale" and status["staleness_seconds"] > 0
             assert "Cannot connect" in status["last_error"] or "Connect" in status["last_error"]
@@ -306,6 +307,27 @@ def test_a_stopped_api_server_keeps_the_last_good_set_and_reports_stale_then_res
             await r.until_ids(["10.0.0.2:8080", "10.0.0.5:8080"])
             await r.until(lambda: r.provider.health.state == "ok", "ok again")
             assert r.provider.health.reconnects > 0
+
+    asyncio.run(main())
+
+
+def test_one_failing_service_keeps_the_provider_stale_while_another_answers(api, token_file):
+    """The provider's state is shared by its services: one that keeps failing must not be
+    hidden by another's successful (re-)watch."""
+    api.create(_slice("api-1", ["10.0.0.1"]))
+    broken = DiscoverySource(service="default/broken", label_selector="tier in (")
+
+    async def main():
+        async with Running(make(api, token_file, "default/api", broken)) as r:
+            p = r.provider
+            await r.until_ids(["10.0.0.1:8080"])
+            await r.until(lambda: p.health.errors >= 2, "the broken source failing")
+            good = p._states["default/api"].endpoints
+            watches = good.watches
+            assert api.drop_watches() >= 1  # the good source re-opens its watch: a success
+            await r.until(lambda: good.watches > watches, "the good source re-watching")
+            assert p.health.state == "stale" and "400" in p.health.last_error
+            assert r.latest("default/broken") is None
 
     asyncio.run(main())
 

@@ -79,7 +79,8 @@ trusted_proxies = ["10.0.0.300"]
     assert "c.toml:13: websocket.ping_timeout" in msg  # BASE is 11 lines
     assert "l4.listeners[0].target_group: unknown target group 'nope'" in msg
     assert "l4.listeners[0].bind_address: 127.0.0.1:8080 (tcp)" not in msg  # udp: no clash
-    assert "l4.listeners[0].proxy_protocol_accept: PROXY protocol is TCP only" in msg
+    assert "l4.listeners[0].proxy_protocol_accept: accepting the PROXY protocol is TCP only" \
+        in msg
     assert "l4.listeners[1].name: duplicate l4 listener 'x'" in msg
     assert "l4.listeners[1].bind_address" in msg
     assert "l4.listeners[1].trusted_proxies: trusted_proxies needs proxy_protocol_accept" in msg
@@ -109,3 +110,18 @@ target_group = "tcp"
 proxy_protcol_send = "v1"
 """)
     assert "proxy_protcol_send" in msg
+
+
+def test_a_udp_listener_may_send_proxy_protocol_v2_but_not_v1():
+    def udp(version):
+        return f"""
+[[l4.listeners]]
+name = "dns"
+protocol = "udp"
+bind_address = "127.0.0.1:7053"
+target_group = "tcp"
+proxy_protocol_send = "{version}"
+"""
+    snap = load_config_text(BASE + udp("v2"), fmt="toml").snapshot
+    assert snap.l4["listeners"][0]["proxy_protocol_send"] == "v2"
+    assert "l4.listeners[0].proxy_protocol_send: PROXY protocol v1 is TCP only" in errors(udp("v1"))

@@ -27,7 +27,7 @@ def collected(monkeypatch):
 
 
 def _fields(ex):
-    return {k: getattr(ex, k) for k in ex.__slots__
+    return {k: getattr(ex, k) for k in ex_mod.Exchange.__slots__
             if k not in ("start", "t0", "duration", "request", "attempts")}
 
 

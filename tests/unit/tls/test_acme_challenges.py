@@ -59,7 +59,9 @@ def test_http01_challenge_puts_the_responder_first_and_before_interception():
     first = out.pipeline.plugins[0]
     assert (first.name, first.type, first.is_global) == (HTTP01_FILTER_NAME, TYPE, True)
     assert first.config == {"tokens": {"tok": "tok.thumb"}}
-    assert out.pipeline.apply_before_domain_match is True
+    # the operator's setting is kept: the pipeline runs the responder alone before
+    # interception (test_pipeline_answers_the_challenge_for_any_host_...)
+    assert out.pipeline.apply_before_domain_match is False
     # taking the challenge away again gives back the very same snapshot (same version)
     back = replace_fields(out, pipeline=snap.pipeline, acme_challenges=None)
     assert back.version == snap.version
@@ -117,3 +119,66 @@ def test_pending_challenges_publish_each_change_and_nothing_at_the_end():
     assert seen[0] == {"http01": {"t": "t.k"}, "tls_alpn01": {}}
     assert set(seen[1]["tls_alpn01"]) == {"a.example.com"}
     assert seen[-1] is None and len(seen) == 3
+
+
+TAGGED = BASE.replace("apply_before_domain_match = false", """apply_before_domain_match = {before}
+[[plugins.plugins]]
+name = "tag"
+type = "tests.support.filters:Tag"
+""")
+
+
+def _pipeline_start(before: bool, host: str, target: str, pending=True):
+    """Build the worker's runtime for the snapshot (with an HTTP-01 token pending) and
+    start one request as the Session does; returns (pipeline, plan)."""
+    import asyncio
+
+    from dispa.protocols.http1 import HEAD, RequestParser
+    from dispa.proxy.runtime import WorkerState, build_runtime
+
+    snap = load_config_text(TAGGED.format(before="true" if before else "false"),
+                            fmt="toml").snapshot
+    if pending:
+        snap = with_challenges(snap, {"http01": {"tok": "tok.thumb"}, "tls_alpn01": {}})
+    loop = asyncio.new_event_loop()
+    try:
+        rt = build_runtime(snap, WorkerState(loop))
+        p = RequestParser()
+        p.feed(f"GET {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        assert p.next_event() == HEAD
+        intercepted = rt.intercept.match(host.encode())
+        return rt.pipeline, rt.pipeline.start(None, p.head, host.encode(), target.encode(),
+                                              intercepted, "10.0.0.9", b"rid-1")
+    finally:
+        loop.close()
+
+
+def test_pipeline_answers_the_challenge_for_any_host_without_the_operators_filters():
+    # apply_before_domain_match = false, a global filter "tag", a Host not intercepted
+    pipeline, plan = _pipeline_start(False, "new.example.org", "/.well-known/acme-challenge/tok")
+    assert pipeline.before_intercept  # the Session hands such requests to the pipeline
+    assert plan.response.status == 200 and plan.response.body == b"tok.thumb"
+    assert "tag" not in plan.req.ctx  # the operator's filter did not run
+    # any other request for that Host gets the usual rejection, still without the filter
+    _, plan = _pipeline_start(False, "new.example.org", "/index.html")
+    assert plan.response.status == 404 and b"not served" in plan.response.body
+    assert "tag" not in plan.req.ctx and not plan.resp_hooks and not plan.log_hooks
+    # an unknown token is not answered either
+    _, plan = _pipeline_start(False, "new.example.org", "/.well-known/acme-challenge/nope")
+    assert plan.response.status == 404
+
+
+def test_pipeline_keeps_the_operators_order_for_intercepted_hosts_and_when_asked():
+    # intercepted Host: the responder first, then the operator's global filter as usual
+    _, plan = _pipeline_start(False, "app.example.com", "/.well-known/acme-challenge/tok")
+    assert plan.response.status == 200 and "tag" not in plan.req.ctx
+    _, plan = _pipeline_start(False, "app.example.com", "/page")
+    assert plan.response is None and plan.req.ctx["tag"] == "1"
+    # apply_before_domain_match = true: every global filter runs before interception
+    _, plan = _pipeline_start(True, "new.example.org", "/page")
+    assert plan.req.ctx["tag"] == "1" and plan.response.status == 404
+
+
+def test_without_a_pending_challenge_foreign_hosts_never_reach_the_pipeline():
+    pipeline, _ = _pipeline_start(False, "app.example.com", "/", pending=False)
+    assert not pipeline.before_intercept and pipeline.acme_http01 is None

@@ -129,3 +129,88 @@ endpoints = ["http://10.0.0.1:2379"]
 """, fmt="toml")
     acme = lc.model.tls.acme
     assert acme.enabled and acme.renew_ratio == 0.5 and acme.etcd.endpoints[0].endswith("2379")
+
+
+def test_external_account_binding_needs_both_keys_and_a_base64url_key():
+    base = dict(enabled=True, names=["a.example.com"])
+    assert ("eab_hmac_key",) in paths(AcmeConfig(**base, eab_kid="kid"))
+    assert ("eab_kid",) in paths(AcmeConfig(**base, eab_hmac_key="c2VjcmV0"))
+    assert ("eab_hmac_key",) in paths(AcmeConfig(**base, eab_kid="k", eab_hmac_key="a+b/c"))
+    assert paths(AcmeConfig(**base, eab_kid="k", eab_hmac_key="zWNDZM6eQGHW-pSR_Tal5e")) == []
+
+
+def test_renewal_must_come_before_expiry_even_with_the_largest_jitter():
+    base = dict(enabled=True, names=["a.example.com"])
+    assert ("renew_jitter",) in paths(AcmeConfig(**base, renew_ratio=0.9, renew_jitter=0.1))
+    assert paths(AcmeConfig(**base, renew_ratio=0.8, renew_jitter=0.1)) == []
+
+
+def test_admin_config_masks_the_acme_secrets():
+    from dispa.config import load_config_text
+
+    text = """
+[server]
+bind_address = "127.0.0.1:8080"
+[[targets.targets]]
+name = "a"
+url = "http://127.0.0.1:9001"
+[tls.acme]
+names = ["a.example.com"]
+challenge_type = "dns-01"
+eab_kid = "kid-1"
+eab_hmac_key = "c2VjcmV0LWhtYWMta2V5"
+storage = "etcd"
+[tls.acme.etcd]
+username = "dispa"
+password = "etcd-pass-1"
+[tls.acme.dns01]
+webhook_headers = { Authorization = "Bearer tok-123" }
+[tls.acme.dns01.rfc2136]
+tsig_key_name = "k"
+tsig_secret = "dHNpZy1zZWNyZXQ="
+"""
+    loaded = load_config_text(text, fmt="toml")
+    shown = repr(loaded.as_dict())
+    for secret in ("c2VjcmV0LWhtYWMta2V5", "etcd-pass-1", "tok-123", "dHNpZy1zZWNyZXQ="):
+        assert secret not in shown
+    acme = loaded.as_dict()["tls"]["acme"]
+    assert acme["eab_kid"] == "kid-1" and acme["eab_hmac_key"] == "***"
+    assert acme["etcd"]["username"] == "dispa" and acme["etcd"]["password"] == "***"
+    assert acme["dns01"]["webhook_headers"] == {"Authorization": "***"}
+    assert acme["dns01"]["rfc2136"]["tsig_secret"] == "***"
+    # the loaded model itself keeps the real values
+    assert loaded.model.tls.acme.etcd.password == "etcd-pass-1"
+
+
+def test_the_master_imports_no_acme_library_while_acme_is_off(tmp_path):
+    # the master stays small (docs/tls-acme.md, Memory): the acme client, josepy and
+    # requests are imported only when a [tls.acme] table is enabled
+    import subprocess
+    import sys
+
+    code = """
+import asyncio, sys
+from dispa.config import load_config_text
+from dispa.server.master import Master
+text = '''
+[server]
+bind_address = "127.0.0.1:8080"
+[[targets.targets]]
+name = "a"
+url = "http://127.0.0.1:9001"
+[tls.acme]
+enabled = false
+names = ["a.example.com"]
+'''
+async def main():
+    m = Master(None, loaded=load_config_text(text, fmt="toml"))
+    m.acme.reconfigure(m.loaded)
+    await m.acme.close()
+    print(m.acme.status())
+asyncio.run(main())
+print(sorted(n for n in ("acme", "josepy", "requests", "OpenSSL", "dispa.tls.acme.manager")
+             if n in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split("\n")
+    assert out[:2] == ["None", "[]"], out

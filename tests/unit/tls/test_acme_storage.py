@@ -63,3 +63,49 @@ def test_unwritable_directory_is_a_storage_error(tmp_path):
     s = DirectoryStorage(str(blocker))
     with pytest.raises(StorageError):
         run(s.put("certs/a/fullchain.pem", b"x"))
+
+
+def test_the_lock_of_a_process_killed_mid_renewal_is_free_again(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import asyncio, sys, time
+from dispa.tls.acme.storage import DirectoryStorage
+lock = asyncio.run(DirectoryStorage({str(tmp_path)!r}).try_lock())
+print("locked" if lock else "busy", flush=True)
+sys.stdin.read()  # hold it until killed
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        s = DirectoryStorage(str(tmp_path))
+        assert run(s.try_lock()) is None  # held by the other process
+        assert (tmp_path / "renew.lock").read_text().strip() == str(holder.pid)
+        holder.send_signal(signal.SIGKILL)  # the box dies mid-renewal
+        holder.wait(10)
+        lock = run(s.try_lock())  # the kernel dropped the flock with the process
+        assert lock is not None
+        run(lock.release())
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        holder.stdin.close()
+        holder.stdout.close()
+
+
+def test_a_reader_of_the_old_file_keeps_it_whole_while_it_is_replaced(tmp_path):
+    # the TLS store may be reading fullchain.pem while a renewal replaces it: the write is a
+    # rename of a new file, never a rewrite in place (which would truncate the reader's file)
+    s = DirectoryStorage(str(tmp_path))
+    old = b"-----OLD-----\n" * 2000
+    run(s.put("certs/a/fullchain.pem", old))
+    path = tmp_path / "certs" / "a" / "fullchain.pem"
+    before = os.stat(path).st_ino
+    with open(path, "rb") as reader:
+        head = reader.read(100)
+        run(s.put("certs/a/fullchain.pem", b"new"))
+        assert head + reader.read() == old
+    assert os.stat(path).st_ino != before and path.read_bytes() == b"new"
