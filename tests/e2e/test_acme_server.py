@@ -148,6 +148,17 @@ def test_http01_issuance_and_renewal_answered_by_dispa(stack):
     assert code == 404 and b"not served" in body  # interception answers again
 
 
+def _wait_for_certificate(dispa: DispaProcess, store: Path, what: str) -> None:
+    """Wait for the first certificate, issued at the first attempt; on failure, say what
+    the manager and the server reported."""
+    try:
+        wait_for(lambda: _serial(store / "certs" / NAME / "fullchain.pem"), 40, what)
+        acme = dispa.status()["acme"]
+        assert acme["renewals"] == {"ok": 1, "failed": 0}, acme
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- dispa log ---\n{dispa.log()[-4000:]}") from None
+
+
 def _served_serial(port: int, name: str, ca_pem: bytes) -> int | None:
     """The serial of the certificate Dispa's TLS listener presents for ``name``, verified
     against pebble's root (None while it presents none or another one)."""
@@ -189,9 +200,7 @@ status = 301
 def test_http01_is_answered_before_a_redirect_everything_rule(stack):
     start, pebble, store = stack
     dispa = start(renew_ratio=0.6666, intercept='"*.acme.test"', extra=REDIRECT_ALL)
-    wait_for(lambda: _serial(store / "certs" / NAME / "fullchain.pem"), 40,
-             "the certificate despite the redirect rule")
-    assert dispa.status()["acme"]["renewals"] == {"ok": 1, "failed": 0}
+    _wait_for_certificate(dispa, store, "the certificate despite the redirect rule")
     # every other request of the name is redirected, as configured
     code, headers, _ = http_get(dispa.port, "/page", host=NAME)
     assert code == 301 and headers["location"] == f"https://{NAME}/page"
@@ -249,8 +258,6 @@ def test_http01_for_a_host_outside_interception_with_filters_after_interception(
     # worker's pipeline runs the responder alone for it (dispa/proxy/pipeline.py)
     start, pebble, store = stack
     dispa = start(renew_ratio=0.6666, extra=FILTERS_AFTER_INTERCEPTION)
-    wait_for(lambda: _serial(store / "certs" / NAME / "fullchain.pem"), 40,
-             "the certificate with filters after interception")
-    assert dispa.status()["acme"]["renewals"] == {"ok": 1, "failed": 0}
+    _wait_for_certificate(dispa, store, "the certificate with filters after interception")
     code, _, body = http_get(dispa.port, "/.well-known/acme-challenge/anything", host=NAME)
     assert code == 404 and b"not served" in body  # nothing pending: interception as usual

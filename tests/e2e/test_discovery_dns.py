@@ -22,6 +22,7 @@ import http.client
 import json
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -35,6 +36,48 @@ TTL = 1.0
 THROTTLE = 0.5
 BOUND = 8.0  # seconds: TTL + throttle + apply, with headroom for a busy machine
 ADDRESSES = {"o1": "127.0.0.11", "o2": "127.0.0.12", "o3": "127.0.0.13"}
+
+
+#: A slow request's duration: longer than removing an endpoint takes (TTL + throttle +
+#: apply, ~1.5 s; BOUND at worst), so that it is still in flight when the snapshot swaps.
+SLOW_MS = 7000
+
+
+class SlowRequests:
+    """``n`` concurrent ``GET /delay?ms=..`` through Dispa, each on its own connection;
+    ``join`` returns ``(status, X-Origin)`` per request (status 0: a transport error)."""
+
+    def __init__(self, port: int, n: int, delay_ms: int):
+        self.results: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._one, args=(port, delay_ms), daemon=True)
+                         for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _one(self, port: int, delay_ms: int) -> None:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=delay_ms / 1000 + 30)
+        try:
+            c.request("GET", f"/delay?ms={delay_ms}", headers={"Host": "example.com"})
+            r = c.getresponse()
+            r.read()
+            outcome = (r.status, r.getheader("X-Origin", ""))
+        except (OSError, http.client.HTTPException) as exc:
+            outcome = (0, repr(exc))
+        finally:
+            c.close()
+        with self._lock:
+            self.results.append(outcome)
+
+    def pending(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def join(self, timeout: float) -> list[tuple[int, str]]:
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not self.pending(), "slow requests still running"
+        return list(self.results)
 
 
 @pytest.fixture
@@ -121,16 +164,24 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         timings["add"] = time.monotonic() - t0
         wait_for(converged(load, {"o1", "o2", "o3"}), BOUND, "traffic on o1+o2+o3")
 
-        # 2. remove o3 from the zone while it still serves; stop it once Dispa is done
+        # 2. remove o3 from the zone while it still serves; stop it once Dispa is done.
+        #    Slow requests in flight on o3 when the new snapshot is swapped in finish.
         wait_for(published(d, "default", 3), BOUND, "every worker with o3")
+        slow = SlowRequests(port, n=24, delay_ms=SLOW_MS)
+        wait_for(lambda: any(r[1].startswith(b"/delay") for r in list(origins["o3"].requests)),
+                 BOUND, "a slow request in flight on o3")
         t0 = time.monotonic()
         dnsmasq.set_hosts(_hosts("o1", "o2"))
         wait_for(published(d, "default", 2), BOUND, "every worker without o3")
         timings["remove"] = time.monotonic() - t0
+        assert slow.pending(), "the slow requests ended before the swap: raise SLOW_MS"
         t1 = time.monotonic()
         wait_for(lambda: load.count() > 0 and load.results[-1][0] > t1 + 0.3, BOUND,
                  "traffic after the removal")
         assert "o3" not in load.served_since(t1)
+        results = slow.join(SLOW_MS / 1000 + BOUND)
+        assert all(status == 200 for status, _ in results), results
+        assert "o3" in {origin for _, origin in results}  # in flight across the swap
         origins["o3"].stop()
         wait_for(converged(load, {"o1", "o2"}), BOUND, "traffic on o1+o2 after o3 stops")
         assert load.failures == [], load.failures[:5]

@@ -96,7 +96,7 @@ def config(upstreams, listeners: str, *, lb: str = "roundrobin", health: str = "
     port, admin = free_port(), free_port()
     text = render_config(port=port, admin_port=admin, server_extra=server_extra,
                          targets=[("unused", f"http://127.0.0.1:{free_port()}")], extra="")
-    text += f'\n[[target_groups]]\nname = "tcp"\n'
+    text += '\n[[target_groups]]\nname = "tcp"\n'
     for i, u in enumerate(upstreams):
         text += f'[[target_groups.targets]]\nname = "u{i}"\nurl = "http://127.0.0.1:{u}"\n'
     text += f'[target_groups.load_balancing]\ntype = "{lb}"\n'
@@ -399,6 +399,41 @@ def test_a_proxy_header_sent_byte_by_byte_is_cut_at_the_header_timeout(dispa):
     d, cut = asyncio.run(asyncio.wait_for(main(), 30))
     assert cut is not None and 0.8 < cut < 3.5, cut  # the 1 s header deadline (+ a sweep)
     assert metric(d, 'dispa_l4_rejected_total{listener="l4test",reason="proxy_protocol"}') == 1
+
+
+def test_refused_connections_give_their_slot_back(dispa):
+    """Connection-limit accounting on errors: with max_connections = 1, connections refused
+    for every reason in turn must each free the one slot, or the valid one is refused."""
+    async def main():
+        up = await TcpUpstream("U", proxy_header=True).start()
+        lport = free_port()
+        text, port, admin = config([up.port], listener(
+            lport, max_connections=1, proxy_protocol_accept=True,
+            trusted_proxies=["127.0.0.1/32"], proxy_protocol_send="v1"))
+        d = start(dispa, text, port, admin)
+        r, w = await tcp_connect(lport, "127.0.0.5")  # untrusted peer
+        assert await closed_by_peer(r)
+        w.close()
+        r, w = await tcp_connect(lport)  # trusted, malformed header
+        w.write(b"HELLO world\r\n")
+        assert await closed_by_peer(r)
+        w.close()
+        r, w = await tcp_connect(lport)  # trusted, gives up before the header ends
+        w.write(b"PROXY TCP4 1.2.3.4")
+        w.write_eof()
+        assert await closed_by_peer(r)
+        w.close()
+        r, w = await tcp_connect(lport)  # the slot is free for a good one
+        w.write(b"PROXY TCP4 192.0.2.1 192.0.2.2 4000 80\r\n")
+        assert (await asyncio.wait_for(r.readline(), 10)).strip() == b"U 192.0.2.1:4000"
+        w.close()
+        return d
+
+    d = asyncio.run(asyncio.wait_for(main(), 30))
+    lab = 'dispa_l4_rejected_total{listener="l4test",reason='
+    assert metric(d, lab + '"untrusted"}') == 1
+    assert metric(d, lab + '"proxy_protocol"}') == 2
+    assert metric(d, lab + '"limit"}') == 0
 
 
 def test_connections_over_the_limit_are_closed_at_once_and_counted(dispa):

@@ -220,6 +220,64 @@ connection_timeout = 10
     assert pg.query("SELECT count(*) FROM traffic_slow")[0][0] + lost == n
 
 
+def _metric(d: DispaProcess, name: str) -> float:
+    """Sum of every series of ``name`` on the admin /metrics (all workers)."""
+    _, body = d.admin_get("/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def test_postgresql_restarted_mid_run_records_queued_then_written(tmp_path, origin):
+    """The database restarts while Dispa serves: requests keep succeeding, the records
+    of the outage wait in the queue (the errors counter says why), and once PostgreSQL
+    is back they are written; after SIGTERM every request has exactly one row."""
+    import subprocess
+    server = Postgres().start()
+    try:
+        toml = f"""
+[logging]
+enabled = true
+type = "database"
+[logging.database]
+url = "{server.dsn}"
+table = "traffic_restart"
+queue_size = 5000
+batch_size = 50
+flush_interval = 0.05
+connection_timeout = 5
+"""
+        d = _start(tmp_path, origin, toml, workers=2)
+
+        def count() -> int:
+            try:
+                return server.query("SELECT count(*) FROM traffic_restart")[0][0]
+            except Exception:  # noqa: BLE001 - down, or the table not created yet
+                return -1
+        n1, n2 = 100, 150
+        assert _burst(d.port, n1, prefix="a") == n1
+        wait_for(lambda: count() == n1, what="the first records written")
+        args = server.proc.args
+        # fast shutdown (SIGINT to the postmaster itself, not to the runuser wrapper):
+        # the workers' connections are cut mid-run
+        with open(os.path.join(server.data, "postmaster.pid")) as f:
+            os.kill(int(f.readline()), signal.SIGINT)
+        server.proc.wait(20)
+        assert _burst(d.port, n2, prefix="b") == n2  # requests never wait for the store
+        wait_for(lambda: _metric(d, "dispa_traffic_log_errors_total") > 0,
+                 what="write errors counted while PostgreSQL is down")
+        assert _metric(d, "dispa_traffic_log_dropped_total") == 0
+        with open(server.log_path, "ab") as log:
+            server.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: count() == n1 + n2, timeout=40,
+                 what="the records queued during the outage written after the restart")
+        assert d.stop() == 0
+        assert count() == n1 + n2
+        rows = server.query("SELECT count(DISTINCT request_id) FROM traffic_restart")
+        assert rows[0][0] == n1 + n2
+    finally:
+        server.stop()
+
+
 def _read_all(path: str) -> bytes:
     if path.endswith(".gz"):
         return gzip.open(path).read()
