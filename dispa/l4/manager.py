@@ -269,18 +269,19 @@ class L4Manager:
         for lst in self.listeners.values():
             lst.stop_listening()
         if deadline_seconds is not None:
+            margin = drain_margin(deadline_seconds)
             asyncio.get_running_loop().call_later(
-                max(0.0, deadline_seconds - drain_margin(deadline_seconds)),
-                self.half_close_all)
+                max(0.0, deadline_seconds - margin), self.half_close_all, margin)
 
-    def half_close_all(self) -> int:
-        """Half-close every open TCP connection (counted per listener in
-        ``dispa_l4_shutdown_closed_total`` and logged); returns how many."""
+    def half_close_all(self, margin: float = 1.0) -> int:
+        """Half-close every open TCP connection, giving each ``margin`` seconds to flush
+        (counted per listener in ``dispa_l4_shutdown_closed_total`` and logged); returns
+        how many."""
         n = 0
         for lst in list(self.listeners.values()) + self._old:
             for s in list(lst.active):
-                if not s.closed:
-                    s.half_close_at_deadline()
+                if not s.closed and not s.half_closed:
+                    s.half_close_at_deadline(margin)
                     n += 1
         if n:
             log.info("l4: %d connections half-closed at the shutdown deadline", n)

@@ -74,7 +74,7 @@ class _Upstream(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         s = self.session
-        if s.down_lost:
+        if s.down_lost or s.half_closed:
             return
         s.last_io = time.monotonic()
         s.listener.bytes_out += len(data)
@@ -115,6 +115,7 @@ class TcpSession(asyncio.Protocol):
         self.down_lost = self.up_lost = False  # connection_lost seen on that side
         self.down_paused = False  # reading from the client paused
         self.closed = False
+        self.half_closed = False  # both sides got a FIN at the shutdown deadline
         self.last_io = time.monotonic()
         self.deadline = 0.0
         self.connect_task = None
@@ -234,6 +235,8 @@ class TcpSession(asyncio.Protocol):
 
     # ---------------------------------------------------------------- downstream bytes
     def data_received(self, data: bytes) -> None:
+        if self.half_closed:
+            return  # shutting down: what arrives now goes nowhere
         self.last_io = time.monotonic()
         if self.awaiting_header:
             self._header_bytes(data)
@@ -260,7 +263,8 @@ class TcpSession(asyncio.Protocol):
             self._close_now()
             return
         if hdr is None:
-            if len(buf) > 65536 + 16:
+            if len(buf) > 65536 + 16:  # unreachable while parse caps v1/v2: a guard
+                self.listener.reject("proxy_protocol")
                 self._close_now()
                 return
             self.header_buf = buf
@@ -286,7 +290,8 @@ class TcpSession(asyncio.Protocol):
                 self._write_eof(self.transport)
         else:
             self.down_eof = True
-            if self.awaiting_header:
+            if self.awaiting_header:  # the header never came whole
+                self.listener.reject("proxy_protocol")
                 self._close_now()
                 return False
             up = self.upstream
@@ -327,7 +332,7 @@ class TcpSession(asyncio.Protocol):
                 self._shut(up.transport, exc)
         if self.down_lost and (self.up_lost or self.upstream is None):
             self._end()
-        elif not self.closed:
+        elif not self.closed and not self.half_closed:  # (half-closed: its margin holds)
             self.deadline = time.monotonic() + min(self.spec["idle_timeout_seconds"],
                                                    _LINGER_SECONDS)
 
@@ -402,7 +407,7 @@ class TcpSession(asyncio.Protocol):
             self.listener.reject("proxy_protocol")
             self._close_now()
             return
-        if self.down_lost or self.up_lost:
+        if self.half_closed or self.down_lost or self.up_lost:
             self._abort("did not drain")  # one side is gone and the other is stuck
             return
         limit = self.spec["idle_timeout_seconds"]
@@ -417,7 +422,8 @@ class TcpSession(asyncio.Protocol):
         L4 manager half-closes it just before the deadline (module docstring, step 6)."""
 
     def _abort(self, why: str) -> None:
-        if why == "shutdown deadline" and not self.closed and self.transport is not None:
+        if why == "shutdown deadline" and not self.closed and not self.half_closed \
+                and self.transport is not None:
             self.half_close_at_deadline()
             return
         self._end()
@@ -429,17 +435,24 @@ class TcpSession(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def half_close_at_deadline(self) -> None:
+    def half_close_at_deadline(self, margin: float = 1.0) -> None:
         """The shutdown deadline is here with the stream still open: both sides get a FIN
         after what is queued for them (an abort would throw queued bytes away), and the
-        connection is counted (``dispa_l4_shutdown_closed_total``)."""
+        connection is counted (``dispa_l4_shutdown_closed_total``). The session stays in
+        ``server.sessions`` until both transports have flushed and closed (so the worker
+        does not exit under them), for ``margin`` seconds at most; then it is aborted."""
+        if self.closed or self.half_closed:
+            return
+        self.half_closed = True
         self.listener.shutdown_closed += 1
-        self._end()
         if self.connect_task is not None:
             self.connect_task.cancel()
         up = self.upstream
-        for t in (self.transport, up.transport if up is not None else None):
-            if t is None or t.is_closing():
-                continue
-            self._write_eof(t)
-            t.close()
+        if up is None or up.transport is None:
+            self._close_now()  # still connecting: nothing queued upstream
+            return
+        self.deadline = time.monotonic() + margin
+        for t in (self.transport, up.transport):
+            if not t.is_closing():
+                self._write_eof(t)
+                t.close()  # connection_lost follows once its buffer is flushed
