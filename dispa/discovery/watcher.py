@@ -49,7 +49,7 @@ from dispa.discovery.provider import Backoff, DiscoveredEndpoint, EndpointSet, I
 from dispa.discovery.registry import build_provider, sources_by_kind
 
 __all__ = ["DiscoveryWatcher", "bindings_for", "endpoint_specs", "merge_cluster",
-           "merge_snapshot"]
+           "merge_snapshot", "provider_inputs"]
 
 log = logging.getLogger("dispa.discovery")
 
@@ -79,6 +79,18 @@ def endpoint_specs(endpoints: tuple[DiscoveredEndpoint, ...], source: DiscoveryS
                                 port=e.port, weight=min(weight, 1_000_000),
                                 timeout_seconds=float(source.timeout))
     return tuple(out[k] for k in sorted(out))
+
+
+def provider_inputs(settings: ServiceDiscoveryConfig, kind: str) -> tuple:
+    """The part of ``[service_discovery]`` a provider of ``kind`` reads: a reload that
+    changes only other keys (``throttle``, ``register``, another provider's table) does not
+    restart it (a restart costs a re-list and, for Kubernetes, a full resync)."""
+    common = (settings.refresh_interval, settings.health_check_integration)
+    own = {"consul": (settings.consul_address, settings.consul),
+           "etcd": (settings.etcd,),
+           "kubernetes": (settings.kubernetes,),
+           "dns": (settings.dns,)}
+    return common + own.get(kind, (settings,))
 
 
 def bindings_for(settings: ServiceDiscoveryConfig, sources: dict[str, DiscoverySource],
@@ -146,7 +158,8 @@ class DiscoveryWatcher:
         self.sources: dict[str, DiscoverySource] = {}
         self.bindings: dict[str, tuple[Key, DiscoverySource]] = {}
         self.providers: dict[str, Provider] = {}
-        self._inputs: dict[str, tuple] = {}  # kind -> (settings, sources) it was built with
+        # kind -> (the settings it reads, its sources) as it was built with
+        self._inputs: dict[str, tuple] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self.sets: dict[Key, EndpointSet] = {}
         self.revisions: dict[Key, str] = {}
@@ -169,6 +182,7 @@ class DiscoveryWatcher:
         self._register_task: Optional[asyncio.Task] = None
         self._registered: Optional[tuple[Provider, Instance]] = None
         self._registration_wanted: Optional[tuple[Instance, str]] = None  # as configured
+        self._own_inputs: tuple = ()  # provider_inputs of _own_register_provider
         self._own_register_provider: Optional[Provider] = None
         self._deferred_close: list[Provider] = []
         # closes of stopped providers in flight: referenced so that they are not collected
@@ -229,7 +243,7 @@ class DiscoveryWatcher:
     def _sync_providers(self) -> None:
         by_kind = sources_by_kind(self.settings, self.sources)
         for kind in list(self.providers):
-            inputs = (self.settings, tuple(by_kind.get(kind, ())))
+            inputs = (provider_inputs(self.settings, kind), tuple(by_kind.get(kind, ())))
             if kind not in by_kind or self._inputs.get(kind) != inputs:
                 self._stop_provider(kind)
         for kind, sources in by_kind.items():
@@ -241,7 +255,7 @@ class DiscoveryWatcher:
                 log.error("discovery provider %s cannot start: %s", kind, exc)
                 continue
             self.providers[kind] = provider
-            self._inputs[kind] = (self.settings, tuple(sources))
+            self._inputs[kind] = (provider_inputs(self.settings, kind), tuple(sources))
             self.updates.setdefault(kind, 0)
             self._tasks[kind] = asyncio.ensure_future(self._supervise(provider))
 
@@ -413,7 +427,10 @@ class DiscoveryWatcher:
         carry on). Changed: the current registration is withdrawn, then the new one starts
         in the background."""
         wanted = None if instance is None else (instance, kind)
-        if wanted == self._registration_wanted:
+        unchanged = wanted == self._registration_wanted and (
+            self._own_register_provider is None
+            or self._own_inputs == provider_inputs(self.settings, kind))
+        if unchanged:
             return
         await self.deregister()
         self._registration_wanted = None
@@ -436,6 +453,7 @@ class DiscoveryWatcher:
         if provider is None:
             try:
                 provider = self._own_register_provider = self.factory(kind, self.settings, [])
+                self._own_inputs = provider_inputs(self.settings, kind)
             except Exception as exc:  # nothing awaits this task: say it, do not raise
                 log.error("self-registration with %s cannot start: %s: %s", kind,
                           type(exc).__name__, exc)

@@ -5,7 +5,10 @@ all on one port). While a bounded keep-alive load runs through Dispa, the zone c
 
 * an origin is added: traffic reaches it within the bound;
 * an origin is removed from the zone while it keeps serving, and stopped only once Dispa has
-  stopped sending to it: zero failed requests;
+  stopped sending to it: zero failed requests; slow requests in flight on it when the new
+  snapshot is swapped in complete (200);
+* a reload that changes the discovery source but is refused (its new listener cannot be
+  bound) leaves the running source in force;
 * dnsmasq is stopped: traffic continues on the last known good set, /admin/status says
   ``stale`` and the staleness metric grows;
 * dnsmasq restarts with a changed zone: Dispa resyncs;

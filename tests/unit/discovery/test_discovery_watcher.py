@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 
 from dispa.config.snapshot import ClusterSpec, EndpointSpec, ProxySpec, InterceptSpec, \
     make_snapshot
-from dispa.discovery.config import DiscoverySource, ServiceDiscoveryConfig
+from dispa.discovery.config import ConsulOptions, DiscoverySource, DnsOptions, \
+    ServiceDiscoveryConfig
 from dispa.discovery.provider import DiscoveredEndpoint, EndpointSet, Instance, Provider
 from dispa.discovery.watcher import DiscoveryWatcher, endpoint_specs, merge_snapshot
 
@@ -392,13 +394,24 @@ def test_reconfigure_restarts_changed_providers_only_and_forgets_unused_sets():
         # same settings and sources: the provider keeps running
         await w.reconfigure(w.settings, {"a": src("x"), "b": src("y")})
         assert w.providers["dns"] is p
+        # keys it does not read (throttle, another provider's table) change nothing either
+        other = msgspec.structs.replace(w.settings, throttle=5.0, consul=ConsulOptions(
+            token="t"))
+        await w.reconfigure(other, {"a": src("x"), "b": src("y")})
+        assert w.providers["dns"] is p and w.throttle == 5.0
+        # its own table does: restarted, the sets stay in force meanwhile
+        await w.reconfigure(msgspec.structs.replace(other, dns=DnsOptions(min_ttl=2)),
+                            {"a": src("x"), "b": src("y")})
+        assert w.providers["dns"] is not p and set(w.sets) == {("dns", "x"), ("dns", "y")}
+        p = w.providers["dns"]
+        await asyncio.wait_for(p.running.wait(), 5)
         # "y" is no longer consumed: its set goes, "x" stays in force during the restart
         await w.reconfigure(w.settings, {"a": src("x")})
         q = w.providers["dns"]
         assert q is not p and [s.service for s in q.sources] == ["x"]
         assert set(w.sets) == {("dns", "x")}
         await asyncio.wait_for(q.running.wait(), 5)
-        assert p.closed
+        await until_w(lambda: p.closed)
         await w.stop()
     asyncio.run(main())
 

@@ -61,6 +61,8 @@ class Running:
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
+            if not self.thread.is_alive():
+                self.loop.close()
 
 
 def make_provider(endpoint: str | list[str], services=(PREFIX,), refresh: float = 30.0,
