@@ -17,6 +17,15 @@ with nginx variables (``$remote_addr``, ``$time_local``, ``$request``, ``$status
 ``$http_<header>`` ...; config/logging_model.VARIABLES); presets ``combined``, ``common``,
 ``main``. Text values are escaped like nginx (``"``, ``\\`` and bytes outside 0x20-0x7e
 as ``\\xHH``) so a client cannot forge lines.
+
+Cost (docs/logging.md#cost): each format has a fast path and a reference path that give
+the same line. The fast path takes the raw values, asks the redactor once per line
+whether any client string could need redaction (:meth:`Redactor.suspect` over them
+joined: one ``translate`` and a few substring tests) and checks once that no value needs
+escaping, then fills one %-format (text) or builds the msgspec record (JSON); otherwise
+the line goes through the reference path, every value redacted and escaped on its own.
+Text lines are kept as ``str`` and encoded once per flush. tests/unit/observability/
+test_log_fast_path.py holds both paths to the same output over a corpus of secrets.
 """
 
 from __future__ import annotations
@@ -267,9 +276,18 @@ def compile_format(fmt: str, red: Redactor, clock: Optional[_Clock] = None,
     lines += prelude
     lines.append(f"    v = ({''.join(r + ', ' for r in raw)})")
     check = "_safe(''.join(v))"
-    if scanned and (red._needles or red._always):
+    if scanned and (red._needles or red._always or red._qnames):
+        # header values repeat across requests (User-Agent, Referer): memoised checks;
+        # the rest (target, error) joined into one check
         uniq = list(dict.fromkeys(scanned))
-        check = f"not suspect('\\0'.join(({''.join(x + ', ' for x in uniq)}))) and " + check
+        heads = [x for x in uniq if x.startswith("h")]
+        rest = [x for x in uniq if not x.startswith("h")]
+        conds = [f"not suspect_cached({x})" for x in heads]
+        if len(rest) == 1:
+            conds.insert(0, f"not suspect({rest[0]})")
+        elif rest:
+            conds.insert(0, f"not suspect('\\0'.join(({''.join(x + ', ' for x in rest)})))")
+        check = " and ".join(conds + [check])
     lines.append(f"    if {check}:")
     lines.append("        return FMT % v")
     lines.append("    return slow(ex)")
@@ -285,7 +303,7 @@ def compile_format(fmt: str, red: Redactor, clock: Optional[_Clock] = None,
 
     ns = {"red": red, "clock": clock, "_esc": _esc, "_ms3": _ms3, "_hdr": _hdr, "_ref": _ref,
           "W": str(worker), "WANTED": frozenset(wanted), "FMT": "".join(lits),
-          "_safe": _safe, "suspect": red.suspect}
+          "_safe": _safe, "suspect": red.suspect, "suspect_cached": red.suspect_cached}
     exec("\n".join(lines), ns)  # noqa: S102 - source built from _EXPR and repr() literals
     render = ns["render"]
     render.slow = ns["slow"]
@@ -318,12 +336,15 @@ class AccessLog:
         # (else every line takes _json_slow, the reference)
         self._json_fast = not (red._fields.get("client_ip") or red._fields.get("host")
                                or red._headers.get("user-agent"))
-        self._suspect = red.suspect if (red._needles or red._always) else None
+        self._suspect = (red.suspect if (red._needles or red._always or red._qnames)
+                         else None)
+        self._suspect_cached = red.suspect_cached
         if fmt == "json":
             self._render = self._json
         else:
             self._render = compile_format(fmt, self.red, self._clock, self.worker, True)
             self.file.text = True  # str lines, encoded once per flush
+        self._bind_emit()
 
     def _json(self, ex) -> bytes:
         if self._json_fast:
@@ -335,7 +356,9 @@ class AccessLog:
             ua = ua.decode("latin-1") if ua else None
             err = ex.error
             sus = self._suspect
-            if sus is None or not sus("\0".join((target, ref or "", ua or "", err or ""))):
+            if sus is None or not (sus(target + "\0" + err if err else target)
+                                   or (ua and self._suspect_cached(ua))
+                                   or (ref and self._suspect_cached(ref))):
                 attempts = ex.attempts
                 route = ex.route
                 return _ENCODER.encode(AccessRecord(
@@ -374,6 +397,24 @@ class AccessLog:
 
     def __call__(self, ex) -> None:
         self.file.write(self._render(ex))
+
+    def _bind_emit(self) -> None:
+        # ``emit``: __call__ with AppendFile.write inlined (one frame less per line);
+        # same buffer, same flush rules
+        render = self._render
+        f = self.file
+        buf = f._buf
+        limit = f.buffer_size
+
+        def emit(ex) -> None:
+            line = render(ex)
+            buf.append(line)
+            f._size += len(line)
+            if f._size >= limit:
+                f.flush()
+            elif f._timer is None and f.loop is not None:
+                f._timer = f.loop.call_later(f.flush_interval, f.flush)
+        self.emit = emit
 
     def reopen(self) -> None:
         """SIGUSR1 / rotation: write what is buffered, then open the path again."""

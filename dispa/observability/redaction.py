@@ -21,11 +21,18 @@ What gets matched: header names (``mask_headers``, ``header:<name>`` field rules
 parameters of logged targets and referers (``mask_query_params``, ``query:<name>``), named
 record fields (``client_ip``, ``user_agent``...), and regexes over every string: card
 numbers (13-19 digits starting with 2-6, spaces or dashes allowed, **Luhn-checked** so
-order ids and timestamps survive), ``Bearer``/``Basic`` credentials and JWTs, e-mails (opt-in), and the
-operator's own ``[[logging.sanitization.patterns]]``.
+order ids and timestamps survive), ``Bearer``/``Basic`` credentials and JWTs, e-mails
+(opt-in), and the operator's own ``[[logging.sanitization.patterns]]``.
 
 With sanitization disabled, :data:`NULL_REDACTOR` passes strings through (and still
 decodes header bytes) so sinks have a single code path.
+
+Cost: the regexes cost several microseconds per string, so they run only on strings that
+pass :meth:`Redactor.suspect`, a necessary condition for any built-in rule (13 card
+digits with their separators, a credential keyword, a masked query parameter's name, a
+``%`` escape, ``@`` with e-mails on) checked with one ``translate`` and a few substring
+searches; sinks call it once per record over all its client strings joined. Operator
+patterns make every string suspect (their regexes are arbitrary).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from urllib.parse import unquote_plus
 __all__ = ["Redactor", "NULL_REDACTOR", "build_redactor", "luhn_ok"]
 
 MASK = "***"
+#: strings memoised by Redactor.suspect_cached (per worker and redactor)
+SUSPECT_CACHE = 4096
 REDACTED = "[REDACTED]"
 
 # 13..19 digits, optionally grouped by single spaces, dashes or '+' (a form-encoded space);
@@ -116,6 +125,7 @@ class Redactor:
             for _name, regex, action in spec.get("patterns", ()))
         # suspect(): what a string must contain (after _FOLD) for a rule to change it
         needles: list[bytes] = []
+        self._qnames: frozenset = frozenset()
         if self._cards:
             needles.append(b"1" * 13)
         if self._bearer:
@@ -123,15 +133,18 @@ class Redactor:
         if self._emails:
             needles.append(b"@")
         if self._query:
-            # a masked parameter's name (a %-escaped name decodes to anything: any '%')
+            # a masked parameter: "?name=" or "&name=" (target() splits on '&' and needs
+            # the '='), or any '%' (a %-escaped name decodes to anything). Not the bare
+            # name: the default list holds "key", "code", "auth", "sig", common in paths.
             needles.append(b"%")
-            needles += [q.encode("latin-1", "replace").translate(_FOLD, b" +-")
-                        for q in self._query]
+            self._qnames = frozenset(q.encode("latin-1", "replace").translate(_FOLD, b" +-")
+                                     .decode("latin-1") for q in self._query)
         # a needle that contains another is redundant (access_token: token)
         needles = sorted(set(needles), key=len)
         self._needles = tuple(n.decode("latin-1") for i, n in enumerate(needles)
                               if not any(m in n for m in needles[:i]))
         self._always = bool(self._patterns)
+        self._memo: dict[str, bool] = {}
 
     # ---------------------------------------------------------------- actions
     def hash(self, value: str) -> str:
@@ -184,7 +197,28 @@ class Redactor:
         for n in self._needles:
             if n in t:
                 return True
+        if self._qnames and "=" in t:
+            # a masked parameter: a name between '?' or '&' and '=' (as target() splits)
+            names = self._qnames
+            for part in t.replace("?", "&").split("&")[1:]:
+                name, eq, _ = part.partition("=")
+                if eq and name in names:
+                    return True
         return False
+
+    def suspect_cached(self, s: str) -> bool:
+        """:meth:`suspect` memoised per string, for values that repeat across requests
+        (User-Agent, Referer): a dict lookup instead of the scan. Bounded: the memo is
+        emptied when it holds ``SUSPECT_CACHE`` strings (a client sending a new value
+        each time only causes misses)."""
+        memo = self._memo
+        r = memo.get(s)
+        if r is None:
+            r = self.suspect(s)
+            if len(memo) >= SUSPECT_CACHE:
+                memo.clear()
+            memo[s] = r
+        return r
 
     # ---------------------------------------------------------------- public API
     def text(self, s: str) -> str:
@@ -199,10 +233,10 @@ class Redactor:
 
     def target(self, s: str) -> str:
         """A request target or URL: masked query parameters, then :meth:`text`."""
-        if not s:
+        if not s or not self.suspect(s):  # one check covers both rules below
             return s
         q = s.find("?")
-        if q >= 0 and self._query and self.suspect(s[q + 1:]):
+        if q >= 0 and self._query:
             pairs = s[q + 1:].split("&")
             changed = False
             for i, pair in enumerate(pairs):

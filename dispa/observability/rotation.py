@@ -19,14 +19,30 @@ and tells the workers to reopen (the same ``ReopenLogs`` message that SIGUSR1 se
 is what logrotate's ``postrotate`` uses). The rotated file is then compressed (gzip or
 zstd) in a thread, after a grace period that lets the workers' last buffered writes land
 in it; the compressor re-reads the file if it grew meanwhile, so no line is lost. Rotated
-files older than ``retention_days`` are deleted (0 keeps them forever). Size checks are
-polled, so a file can overshoot ``max_bytes`` by what is written in one check interval.
+files older than ``retention_days`` are deleted (0 keeps them forever).
+
+Two races, and how they are closed:
+
+* A worker stalled longer than the grace (a blocked event loop) still holds the renamed
+  file open and flushes into it late. Each flush takes a shared ``flock`` on its file
+  and checks ``st_nlink``; the compressor takes the exclusive lock for its final size
+  check, the rename of the compressed file and the unlink. So a late flush either lands
+  before that check (the file grew: compressed again) or finds the file unlinked and
+  reopens the path, writing into the new file. The lock is held for microseconds (one
+  ``write(2)`` / one ``stat`` + rename + unlink), never across the compression itself.
+  A file still growing after ``COMPRESS_TRIES`` passes is left uncompressed, not lost.
+* Size is polled: between two checks a file grows by (write rate x interval). The
+  rotator shortens its next check as a file nears ``max_bytes`` (from the growth rate
+  it observed, down to ``MIN_CHECK_INTERVAL``), so the overshoot stays about
+  ``rate x MIN_CHECK_INTERVAL`` plus the workers' unflushed buffers (``buffer_size``
+  each, at most ``flush_interval`` old).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -40,6 +56,10 @@ __all__ = ["AppendFile", "LogRotator", "compress_file", "period_key", "rotated_n
 
 #: Seconds between two checks of size and time (the master's rotator).
 CHECK_INTERVAL = 0.5
+#: The shortest interval between checks when a file is about to reach ``max_bytes``.
+MIN_CHECK_INTERVAL = 0.05
+#: Compression passes over a rotated file that keeps growing before it is left as is.
+COMPRESS_TRIES = 5
 #: Seconds between a rename and compressing the renamed file: the workers reopen within
 #: milliseconds of the message; this covers a flush they had already started.
 COMPRESS_GRACE = 2.0
@@ -75,6 +95,7 @@ class AppendFile:
         self._timer: Optional[asyncio.TimerHandle] = None
         self.fd = -1
         self.written = 0  # bytes, for tests and stats
+        self.lockable = True  # flock works on this file (see _write_locked)
         self.open()
 
     def open(self) -> None:
@@ -104,23 +125,53 @@ class AppendFile:
             self._timer = None
         if not self._buf:
             return
+        buf = self._buf
         if self.text:
-            data = "".join(self._buf).encode("utf-8", "replace")
+            data = "".join(buf).encode("utf-8", "replace")
         else:
-            data = b"".join(self._buf) if len(self._buf) > 1 else self._buf[0]
-        self._buf = []
+            data = b"".join(buf) if len(buf) > 1 else buf[0]
+        buf.clear()  # in place: a sink may hold this list (AccessLog.emit)
         self._size = 0
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
+            if self.path == "-":
+                self._write_all(data)
+            else:
+                self._write_locked(data)
             self.written += len(data)
         except OSError as e:  # disk full, file system gone: drop this buffer, keep serving
             if self.on_error is not None:
                 self.on_error(e)
             else:
                 log.warning("log write to %s failed: %s", self.path, e)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def _write_locked(self, data: bytes) -> None:
+        # The shared lock excludes compress_file's final check-and-unlink (see the module
+        # docstring): the file we hold is either still there (and will be re-read) or
+        # already unlinked, then the data goes to the path's new file instead.
+        fd = self.fd
+        if not self.lockable:
+            return self._write_all(data)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:  # a file system without flock (some NFS): unlocked appends
+            self.lockable = False
+            return self._write_all(data)
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                self.open()  # the compressor removed our file: write to the new one
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                fd = self.fd
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            self._write_all(data)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def reopen(self) -> None:
         """Flush into the old file, then open the path again (after a rename)."""
@@ -174,7 +225,7 @@ def compress_file(path: str, method: str) -> str:
     ext = ".gz" if method == "gzip" else ".zst"
     out = path + ext
     tmp = out + ".tmp"
-    for _ in range(5):
+    for _ in range(COMPRESS_TRIES):
         size = os.path.getsize(path)
         with open(path, "rb") as src, open(tmp, "wb") as dst:
             if method == "gzip":
@@ -187,15 +238,26 @@ def compress_file(path: str, method: str) -> str:
                 cctx.copy_stream(src, dst)
             dst.flush()
             os.fsync(dst.fileno())
-        if os.path.getsize(path) == size:
-            break
-    os.replace(tmp, out)
-    os.unlink(path)
-    return out
+            # Exclusive lock: no worker is inside a flush (AppendFile._write_locked) between
+            # this size check and the unlink; a later flush sees st_nlink == 0 and reopens.
+            fcntl.flock(src.fileno(), fcntl.LOCK_EX)
+            try:
+                if os.fstat(src.fileno()).st_size == size:
+                    os.replace(tmp, out)
+                    os.unlink(path)
+                    return out
+            finally:
+                fcntl.flock(src.fileno(), fcntl.LOCK_UN)
+    # still written to after COMPRESS_TRIES passes: keep it uncompressed rather than lose
+    # what a stalled writer adds; the next start of the rotator tries again
+    os.unlink(tmp)
+    log.warning("rotated log %s kept growing; left uncompressed", path)
+    return path
 
 
 class _Watched:
-    __slots__ = ("path", "max_bytes", "interval", "compression", "retention_days", "period")
+    __slots__ = ("path", "max_bytes", "interval", "compression", "retention_days", "period",
+                 "last_size", "last_mono")
 
     def __init__(self, path: str, spec: dict, now: float):
         self.path = path
@@ -204,6 +266,20 @@ class _Watched:
         self.compression = spec.get("compression", "none")
         self.retention_days = spec.get("retention_days", 0)
         self.period = period_key(now, self.interval)
+        self.last_size = -1
+        self.last_mono = 0.0
+
+    def next_check(self, size: int, mono: float) -> float:
+        """Seconds until this file should be checked again: CHECK_INTERVAL, or less when
+        its growth rate says it reaches ``max_bytes`` sooner."""
+        delay = CHECK_INTERVAL
+        if self.max_bytes and 0 <= self.last_size < size and mono > self.last_mono:
+            rate = (size - self.last_size) / (mono - self.last_mono)
+            delay = max(MIN_CHECK_INTERVAL, min(CHECK_INTERVAL,
+                                                (self.max_bytes - size) / rate))
+        self.last_size = size
+        self.last_mono = mono
+        return delay
 
     def settings(self) -> tuple:
         return (self.max_bytes, self.interval, self.compression, self.retention_days)
@@ -237,6 +313,7 @@ class LogRotator:
         self._jobs: set[asyncio.Future] = set()
         self._last_sweep = 0.0
         self.rotations = 0
+        self.delay = CHECK_INTERVAL  # until the next check (tick sets it)
 
     def configure(self, observability: Optional[dict]) -> None:
         """Watch the files of a (new) snapshot; start or stop the loop as needed."""
@@ -269,17 +346,21 @@ class LogRotator:
                 self.tick()
             except Exception:  # noqa: BLE001 - a failing check must not stop rotation
                 log.exception("log rotation check failed")
-            await asyncio.sleep(CHECK_INTERVAL)
+                self.delay = CHECK_INTERVAL
+            await asyncio.sleep(self.delay)
 
     def tick(self) -> list[str]:
         """One check of every file; returns the names it rotated to."""
         now = self.now()
+        mono = time.monotonic()
         rotated = []
+        delay = CHECK_INTERVAL
         for w in self.files.values():
             try:
                 size = os.path.getsize(w.path)
             except OSError:
                 continue
+            delay = min(delay, w.next_check(size, mono))
             period = period_key(now, w.interval)
             due = (w.max_bytes and size >= w.max_bytes) or (
                 period is not None and period != w.period and size > 0)
@@ -293,12 +374,14 @@ class LogRotator:
                     log.error("rotating %s failed: %s", w.path, e)
                     continue
                 w.period = period
+                w.last_size = 0  # the path starts again from empty
                 rotated.append(name)
                 self.rotations += 1
                 log.info("log file rotated", extra={"fields": {
                     "path": w.path, "to": name, "bytes": size}})
                 if w.compression != "none":
                     self._compress_later(name, w.compression, COMPRESS_GRACE)
+        self.delay = delay
         if rotated:
             self.reopen()
         if rotated or now - self._last_sweep >= RETENTION_INTERVAL:
@@ -338,7 +421,8 @@ class LogRotator:
             await asyncio.sleep(delay)
             try:
                 out = await asyncio.to_thread(compress_file, name, method)
-                log.info("rotated log compressed", extra={"fields": {"path": out}})
+                if out != name:
+                    log.info("rotated log compressed", extra={"fields": {"path": out}})
             except OSError as e:
                 if e.errno != errno.ENOENT:
                     log.error("compressing %s failed: %s", name, e)

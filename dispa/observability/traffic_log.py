@@ -88,7 +88,7 @@ def make_row(ex, red, worker: int) -> tuple:
             scan.append(v)
         elif a != "redact":
             headers.append((k, red.apply(a, v)))
-    if (red._needles or red._always) and red.suspect("\0".join(scan)):
+    if (red._needles or red._always or red._qnames) and red.suspect("\0".join(scan)):
         return make_row_slow(ex, red, worker)
     attempts = ex.attempts
     up = ex.upstream_seconds if attempts else None
@@ -208,7 +208,8 @@ class SqliteStore:
             conn.executemany(self._insert, [(iso_utc(r[0]),) + r[1:] for r in rows])
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # (a failed COMMIT may already have ended it)
+                conn.execute("ROLLBACK")
             raise
 
     async def write(self, rows: list) -> None:
@@ -272,8 +273,11 @@ class PostgresStore:
         utc = datetime.timezone.utc
         fromts = datetime.datetime.fromtimestamp
         records = [(fromts(r[0], utc),) + r[1:] for r in rows]
-        async with self.pool.acquire() as c:
-            await c.copy_records_to_table(self.table, records=records, columns=COLUMNS)
+        # bounded: a server that stops answering (not refusing) fails the batch, which is
+        # retried, instead of stalling the writer (and the shutdown flush) forever
+        async with self.pool.acquire(timeout=self.timeout) as c:
+            await c.copy_records_to_table(self.table, records=records, columns=COLUMNS,
+                                          timeout=max(self.timeout, 30.0))
 
     async def delete_older(self, cutoff: float) -> int:
         import datetime
@@ -417,9 +421,17 @@ class BatchWriter:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), self.timeout)
         except asyncio.TimeoutError:
-            log.error("traffic log %s: %d records not written at shutdown",
-                      self.store.label, len(self.queue))
             self._task.cancel()
+        if self.queue:
+            # the store stayed unreachable for the whole shutdown budget: say how many,
+            # and count them as dropped so written + dropped still adds up to requests
+            n = len(self.queue)
+            log.error("traffic log %s: %d records not written at shutdown",
+                      self.store.label, n)
+            self.dropped += n
+            if self.metrics is not None:
+                self.metrics.inc(DROPPED, self._labels, n)
+            self.queue.clear()
         await self.store.close()
 
     def reopen(self) -> None:

@@ -149,3 +149,75 @@ def test_rotator_compresses_after_grace(tmp_path, monkeypatch):
         assert gzip.open(name + ".gz").read() == b"z\n" * 1000
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("method", ["gzip", "zstd"])
+def test_stalled_writer_flushing_after_compression_loses_nothing(tmp_path, method):
+    """The gap the grace period leaves: a worker that missed the reopen (a stalled loop)
+    flushes into the rotated file after it was compressed and removed. The flush must
+    find the file gone and write to the path's new file instead of an unlinked inode."""
+    path = tmp_path / "a.log"
+    stalled = AppendFile(str(path), None, buffer_size=1 << 20)
+    stalled.write(b"before\n")
+    stalled.flush()
+    rotated = str(path) + ".20260101-000000"
+    os.rename(path, rotated)
+    fresh = AppendFile(str(path), None, buffer_size=1 << 20)  # a worker that reopened
+    fresh.write(b"fresh\n")
+    fresh.flush()
+    out = compress_file(rotated, method)
+    stalled.write(b"late\n")  # buffered before the rotation, flushed after compression
+    stalled.flush()
+    stalled.close()
+    fresh.close()
+    data = (gzip.open(out).read() if method == "gzip"
+            else zstandard.ZstdDecompressor().stream_reader(open(out, "rb")).read())
+    assert data == b"before\n"
+    assert sorted(path.read_bytes().splitlines()) == [b"fresh", b"late"]
+
+
+def test_writers_during_compression_lose_no_line(tmp_path):
+    """Writers keep flushing into the rotated file while it is compressed (bounded: 20000
+    lines, 4 writer threads): every line ends up in the compressed file or the new one."""
+    import threading
+    path = tmp_path / "b.log"
+    writers = [AppendFile(str(path), None, buffer_size=512) for _ in range(4)]
+    for i in range(4000):
+        writers[i % 4].write(b"%08d\n" % i)
+    for w in writers:
+        w.flush()
+    rotated = str(path) + ".20260101-000000"
+    os.rename(path, rotated)
+    start = threading.Barrier(5)
+
+    def write(k):
+        start.wait()
+        for i in range(4000 + k, 20000, 4):
+            writers[k].write(b"%08d\n" % i)
+        writers[k].close()  # the last flush; never reopened (a stalled worker)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    start.wait()
+    out = compress_file(rotated, "gzip")
+    for t in threads:
+        t.join(30)
+    if out == rotated:  # kept growing: left uncompressed, still complete
+        lines = open(out, "rb").read().splitlines()
+    else:
+        lines = gzip.open(out).read().splitlines()
+    if path.exists():
+        lines += path.read_bytes().splitlines()
+    assert sorted(int(x) for x in lines) == list(range(20000))
+
+
+def test_rotator_checks_sooner_as_a_file_nears_max_bytes(tmp_path):
+    w = rotation._Watched(str(tmp_path / "x"), {"max_bytes": 10_000_000}, time.time())
+    assert w.next_check(0, 100.0) == rotation.CHECK_INTERVAL  # no rate yet
+    # 4 MB/s with 6 MB to go: the full interval
+    assert w.next_check(2_000_000, 100.5) == rotation.CHECK_INTERVAL
+    # 16 MB/s with 2 MB to go: due in 0.125 s, checked then (not 0.5 s = 6 MB over)
+    assert w.next_check(8_000_000, 100.875) == pytest.approx(0.125)
+    # almost there: the floor
+    assert w.next_check(9_999_000, 101.0) == rotation.MIN_CHECK_INTERVAL

@@ -156,3 +156,22 @@ def test_file_store_reopen(tmp_path):
     asyncio.run(main())
     assert len((tmp_path / "t.log").read_text().splitlines()) == 1
     assert len((tmp_path / "t.log.1").read_text().splitlines()) == 1
+
+
+def test_records_the_store_never_took_are_counted_at_shutdown():
+    """The store is down for the whole shutdown budget: the records still queued are
+    reported and counted as dropped (written + dropped == sent), never silently lost."""
+    class Down(BlockedStore):
+        async def open(self):
+            raise OSError("connection refused")
+
+    async def main():
+        metrics = WorkerMetrics()
+        w = BatchWriter(Down(), 1000, 100, 0.01, metrics=metrics, timeout=0.3)
+        for i in range(30):
+            w.put((i,))
+        await w.flush()
+        assert w.written == 0 and w.dropped == 30 and not w.queue
+        assert _counter(metrics, DROPPED) == 30
+
+    asyncio.run(main())

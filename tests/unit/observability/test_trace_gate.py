@@ -1,0 +1,306 @@
+"""The tracing gates (observability/tracing_gate.py): the Session skips the pipeline and the
+Exchange record for requests tracing has nothing to do with, and both Session twins
+(compiled and pure) make the same decisions, byte for byte.
+
+Driven like tests/unit/proxy/test_protocol_twins.py: fake transports, a real runtime built
+from a TOML config with ``[observability.tracing]`` on; the generators of both twins are
+seeded alike, so the sampled requests are the same and predictable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from dispa.config.load import load_config_text
+from dispa.observability import tracing_context, tracing_gate
+from dispa.observability.tracing import TracingSink
+from dispa.observability.tracing_gate import LogGate, TraceGate, log_gate_of
+from dispa.proxy.runtime import WorkerState, build_runtime
+from tests.unit.proxy.test_protocol_twins import TWINS, FakeServer, FakeTransport, hotpath
+
+CONFIG = """
+[server]
+bind_address = "127.0.0.1:18080"
+workers = 1
+[domains]
+intercept_domains = {domains}
+[[targets.targets]]
+name = "a"
+url = "http://127.0.0.1:18090"
+[targets.health_check]
+enabled = false
+[monitoring]
+enabled = false
+[observability.tracing]
+enabled = true
+exporter = "otlp_http"
+endpoint = "http://127.0.0.1:9/v1/traces"
+{tracing}
+{extra}
+"""
+
+GET = b"GET /a HTTP/1.1\r\nHost: example.com\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+ERR = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno"
+TP = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+SEED = 0x5EED
+
+
+class Caught:
+    def __init__(self):
+        self.spans = []
+        self.exported = self.failed = self.dropped = 0
+
+    def put(self, spans):
+        self.spans.extend(spans)
+
+    def flush(self):
+        pass
+
+    def close(self, timeout=0.0):
+        pass
+
+
+@pytest.fixture(autouse=True)
+def pure_codec_for_edited_heads(monkeypatch):
+    # The pure Session forwards a filter-edited head (its _Edited wrapper) with the codec it
+    # imported: the compiled one when built, which takes only its own RequestHead. Pure
+    # mode (DISPA_NO_EXTENSIONS=1) pairs it with the pure codec, as here.
+    from dispa.protocols.http1 import _pure
+    from dispa.proxy import session as pure_session
+    monkeypatch.setattr(pure_session, "proxy_request_head", _pure.proxy_request_head)
+    monkeypatch.setattr(pure_session, "proxy_response_head", _pure.proxy_response_head)
+
+
+def run(twin: str, exchanges, *, tracing: str = "sampling_rate = 0.25", extra: str = "",
+        domains: str = "[]"):
+    """Send each (request, response) pair through one twin on one keep-alive connection.
+    Returns (transport log, pipeline.start calls, exchanges built, runtime)."""
+    impl = TWINS[twin]
+    loop = asyncio.new_event_loop()
+    try:
+        snapshot = load_config_text(CONFIG.format(tracing=tracing, extra=extra, domains=domains),
+                                    fmt="toml").snapshot
+        state = WorkerState(loop)
+        runtime = build_runtime(snapshot, state)
+        for sink in state.observers.sinks:
+            if isinstance(sink, TracingSink):
+                sink.batcher.close(0.1)
+                sink.batcher = Caught()
+        built = []
+        if runtime.log_exchange is not None:
+            dispatch = runtime.log_exchange
+
+            def record(ex):
+                built.append((ex.status, ex.target))
+                dispatch(ex)
+            runtime.log_exchange = record
+        starts = []
+        if runtime.pipeline is not None:
+            start = runtime.pipeline.start
+
+            def counted(*args):
+                starts.append(args[1].target)
+                return start(*args)
+            runtime.pipeline.start = counted
+        cluster = runtime.default_cluster
+        ep = cluster.endpoints[0]
+        pool = impl.Pool(loop, ep.host, ep.port, cluster.spec.pool)
+        cluster.pools = [pool]
+        log: list = []
+        conn = impl.UpstreamConnection(pool)
+        conn.connection_made(FakeTransport("up0", log))
+        pool.total += 1
+        pool.idle.insert(0, conn)
+        session = impl.Session(FakeServer(runtime))
+        session.connection_made(FakeTransport("down", log))
+        hotpath.trace_gate_seed(SEED)
+        tracing_gate.seed(SEED)
+        tracing_context._rand.seed(SEED)
+        for request, response in exchanges:
+            session.data_received(request)
+            if response is not None:  # None: answered by Dispa, nothing goes upstream
+                conn.data_received(response)
+            log.append(("state", session.state, session.requests))
+        runtime.test_sinks = state.observers.sinks
+        return log, starts, built, runtime
+    finally:
+        loop.close()
+
+
+def upstream_heads(log) -> list[bytes]:
+    return [e[2] for e in log if e[0] == "up0" and e[1] == "write"]
+
+
+def traceparent(head: bytes) -> bytes | None:
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"traceparent:"):
+            return line.split(b":", 1)[1].strip()
+    return None
+
+
+def expected_draws(n: int) -> list[int]:
+    tracing_gate.seed(SEED)
+    return [tracing_gate.draw() for _ in range(n)]
+
+
+def numbered(n: int, response: bytes = OK):
+    return [(GET.replace(b"/a", b"/r%d" % i), response) for i in range(n)]
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_only_sampled_draws_enter_the_pipeline_and_their_draw_is_the_trace_id(twin):
+    log, starts, built, runtime = run(twin, numbered(40))
+    gate = runtime.pipeline.trace_gate
+    assert isinstance(gate, TraceGate) and gate.names == (b"traceparent",)
+    draws = expected_draws(40)
+    sampled = [i for i, d in enumerate(draws) if d < gate.bound]
+    assert 3 <= len(sampled) <= 20  # ratio 0.25 over 40 draws of this seed
+    assert starts == [b"/r%d" % i for i in sampled]  # the others: no Python pipeline call
+    heads = upstream_heads(log)
+    assert len(heads) == 40
+    for i, head in enumerate(heads):
+        tp = traceparent(head)
+        if i in sampled:
+            # the filter used the gate's draw as the trace id's low 64 bits (ratio rule)
+            assert tp is not None and tp.endswith(b"-01")
+            assert int(tp[3:35], 16) & tracing_gate.MASK64 == draws[i]
+        else:
+            assert tp is None
+    # the log gate: only the traced exchanges are built (no errors, no slow threshold)
+    assert [t for _, t in built] == ["/r%d" % i for i in sampled]
+    assert gate.low == -1  # every draw passed on was taken
+
+
+def test_the_twins_agree_on_gated_requests():
+    exchanges = numbered(30) + [(GET.replace(b"Host", b"TraceParent: %s\r\nHost" % TP), OK),
+                                (GET, ERR)]
+    compiled, pure = run("compiled", exchanges), run("pure", exchanges)
+    assert compiled[:3] == pure[:3]
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_a_host_outside_the_interception_is_still_rejected(twin):
+    other = GET.replace(b"example.com", b"other.test")
+    log, starts, _, runtime = run(twin, [(other, None), (GET, OK)], domains='["example.com"]',
+                                  tracing="sampling_rate = 0.0")
+    assert runtime.pipeline.trace_gate is not None
+    assert starts == [b"/a"]  # the rejected host went through the pipeline, the other not
+    down = b"".join(e[2] for e in log if e[0] == "down" and e[1] == "write")
+    assert down.startswith(b"HTTP/1.1 404 ") or down.startswith(b"HTTP/1.1 421 ")
+    assert len(upstream_heads(log)) == 1
+
+
+def test_the_twins_agree_outside_the_interception():
+    exchanges = [(GET.replace(b"example.com", b"other.test"), None), (GET, OK)]
+    kw = dict(domains='["example.com"]', tracing="sampling_rate = 0.5")
+    assert run("compiled", exchanges, **kw)[:3] == run("pure", exchanges, **kw)[:3]
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_a_parent_header_enters_the_pipeline_and_continues_the_trace(twin):
+    req = GET.replace(b"Host", b"TRACEPARENT: %s\r\nHost" % TP)
+    log, starts, built, _ = run(twin, [(req, OK), (GET, OK)], tracing="sampling_rate = 0.0")
+    assert starts == [b"/a"]
+    heads = upstream_heads(log)
+    tp = traceparent(heads[0])
+    assert tp.startswith(b"00-0af7651916cd43dd8448eb211c80319c-") and tp.endswith(b"-01")
+    assert traceparent(heads[1]) is None
+    assert len(built) == 1  # the traced request's exchange; the other one is skipped
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_b3_names_open_the_gate(twin):
+    req = GET.replace(b"Host", b"X-B3-TraceId: 0af7651916cd43dd8448eb211c80319c\r\n"
+                               b"X-B3-SpanId: b7ad6b7169203331\r\nX-B3-Sampled: 1\r\nHost")
+    log, starts, _, runtime = run(twin, [(req, OK), (GET, OK)], tracing=(
+        'sampling_rate = 0.0\npropagators = ["tracecontext", "b3multi"]'))
+    assert runtime.pipeline.trace_gate.names == (b"traceparent", b"b3", b"x-b3-traceid")
+    assert starts == [b"/a"]
+    assert b"X-B3-TraceId: 0af7651916cd43dd8448eb211c80319c" in upstream_heads(log)[0]
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_errors_are_built_for_the_tail_rule_and_kept(twin):
+    _, starts, built, runtime = run(twin, [(GET, OK), (GET, ERR), (GET, OK)],
+                                    tracing="sampling_rate = 0.0")
+    assert starts == []
+    assert built == [(503, "/a")]
+    sink = next(s for s in runtime.test_sinks if isinstance(s, TracingSink))
+    assert [s.attributes["http.response.status_code"] for s in sink.batcher.spans
+            if s.kind.name == "SERVER"] == [503]
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_without_the_error_rule_errors_are_not_built(twin):
+    _, _, built, _ = run(twin, [(GET, ERR)],
+                         tracing="sampling_rate = 0.0\nalways_sample_errors = false")
+    assert built == []
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_slow_exchanges_are_built(twin):
+    _, _, built, _ = run(twin, [(GET, OK), (GET, OK)],
+                         tracing="sampling_rate = 0.0\nslow_threshold = 0.000001")
+    assert len(built) == 2
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_another_filter_keeps_the_pipeline_for_every_request(twin):
+    _, starts, built, runtime = run(twin, numbered(5), tracing="sampling_rate = 0.0", extra=(
+        '[plugins]\nenabled = true\n[[plugins.plugins]]\nname = "tag"\n'
+        'type = "tests.support.filters:Tag"\nconfig = { header = "x-tag", value = "v" }'))
+    assert runtime.pipeline.trace_gate is None
+    assert len(starts) == 5
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_ratio_one_has_no_request_gate(twin):
+    log, starts, built, runtime = run(twin, numbered(3), tracing="sampling_rate = 1.0")
+    assert runtime.pipeline.trace_gate is None
+    assert len(starts) == 3 and len(built) == 3
+    assert all(traceparent(h) for h in upstream_heads(log))
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_without_propagators_every_exchange_is_built(twin):
+    # no request filter: the sink makes the head decision itself, so it needs them all
+    _, starts, built, runtime = run(twin, numbered(4), tracing=(
+        'sampling_rate = 0.0\npropagators = ["baggage"]'))
+    assert runtime.pipeline is None and runtime.log_gate is None
+    assert len(built) == 4
+
+
+class _Sink:
+    def __init__(self, gate=None):
+        if gate is not None:
+            self.log_gate = gate
+
+
+def test_log_gate_of_combines_or_gives_up():
+    assert log_gate_of(()) is None
+    assert log_gate_of([_Sink(LogGate(True, 0.5, "tracing")), _Sink()]) is None
+    g = log_gate_of([_Sink(LogGate(False, 0.5, "tracing")), _Sink(LogGate(True, 0.2, None))])
+    assert (g.errors, g.slow, g.ctx_key) == (True, 0.2, "tracing")
+    assert log_gate_of([_Sink(LogGate(False, 0, "a")), _Sink(LogGate(False, 0, "b"))]) is None
+
+
+def test_trace_gate_wants_headers_or_a_low_draw():
+    gate = TraceGate(0, (b"traceparent", b"b3"))
+    assert gate.wants([(b"Host", b"x"), (b"B3", b"1")])
+    assert not gate.wants([(b"Host", b"x")]) and gate.low == -1
+    gate = TraceGate(tracing_gate.MASK64, (b"traceparent",))
+    assert gate.wants([]) and gate.low >= 0
+    assert gate.take() >= 0 and gate.take() == -1
+    with pytest.raises(ValueError):
+        TraceGate(1 << 64, ())
+
+
+def test_the_draws_look_uniform():
+    tracing_gate.seed(1)
+    draws = [tracing_gate.draw() for _ in range(4000)]
+    assert len(set(draws)) == 4000
+    below = sum(d < (1 << 62) for d in draws)  # a quarter of the range
+    assert 850 < below < 1150
