@@ -82,6 +82,9 @@ class LoadedConfig:
     model: m.Config
     log_level: str
     log_format: str
+    # (parsed document, line locator, substituted paths) of the file: dynamic configuration
+    # fragments are validated merged into it without re-reading the file (config/merge.py)
+    document: tuple | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
         """The effective configuration (defaults filled in, file spelling) for /admin/config.
@@ -161,8 +164,6 @@ def load_config_text(text: str, *, fmt: Literal["toml", "yaml"], name: str = "<s
 
     Returns a :class:`LoadedConfig`; raises :class:`ConfigError` with every problem.
     """
-    from dispa.config.compile import compile_config  # compile imports this module's helpers
-
     if fmt == "toml":
         data, lines = _parse_toml(text, name)
     elif fmt == "yaml":
@@ -176,13 +177,37 @@ def load_config_text(text: str, *, fmt: Literal["toml", "yaml"], name: str = "<s
                                        f"{workers_override!r}", path="server.workers")])
     ctx = _Context(name, lines)
     data = _substitute(data, os.environ if env is None else env, ctx)
+    return _load_document(ctx, data, workers_override)
+
+
+def load_config_document(document: Any, lines: dict, *, name: str,
+                         substituted: frozenset = frozenset(),
+                         origins: Mapping[Path, tuple[str, dict, Path]] | None = None,
+                         workers_override: int | None = None) -> LoadedConfig:
+    """Validate and compile an already parsed (and substituted) document: a file's
+    ``LoadedConfig.document`` with dynamic fragments merged in (``config.merge``).
+
+    ``origins`` maps a path prefix of ``document`` to ``(source name, that source's line
+    locator, the prefix's path in that source)``: an issue under such a prefix names the
+    source, its line and the field in its own spelling instead of the file's. Raises
+    :class:`ConfigError` with every problem."""
+    ctx = _Context(name, lines)
+    ctx.substituted = set(substituted)
+    ctx.origins = dict(origins or {})
+    return _load_document(ctx, document, workers_override)
+
+
+def _load_document(ctx: "_Context", data: Any, workers_override: int | None) -> LoadedConfig:
+    from dispa.config.compile import compile_config  # compile imports this module's helpers
+
     ctx.raw = data
     config = ctx.build(data, m.Config, ())
     _check(ctx)
     ctx.raise_if_any()
     static, snapshot = compile_config(config, workers_override=workers_override)
-    return LoadedConfig(path=name, static=static, snapshot=snapshot, model=config,
-                        log_level=config.logging.level, log_format=config.logging.format)
+    return LoadedConfig(path=ctx.name, static=static, snapshot=snapshot, model=config,
+                        log_level=config.logging.level, log_format=config.logging.format,
+                        document=(data, ctx.lines, frozenset(ctx.substituted)))
 
 
 def check_file(path: str | os.PathLike) -> list[ConfigIssue]:
@@ -521,6 +546,8 @@ class _Context:
         self.bad_substitution: set = set()  # paths already reported by _substitute
         self.built: dict = {}  # path -> Struct, for every table that built cleanly
         self.raw: Any = None  # the parsed (and substituted) document
+        # path prefix -> (source, its locator, path there): parts from dynamic fragments
+        self.origins: dict = {}
 
     def raw_at(self, path: Path) -> Any:
         """The parsed value at ``path``, or None."""
@@ -542,6 +569,20 @@ class _Context:
             path = path[:-1]
 
     def issue(self, message: str, path: Path, *, line_path: Path | None = None) -> None:
+        for n in range(len(path), 0, -1) if self.origins else ():
+            origin = self.origins.get(path[:n])
+            if origin is not None:  # a dynamic fragment's: its name, line and spelling
+                source, lines, at = origin
+                where = at + path[n:]
+                at_line = line_path if line_path is not None else path
+                line_at = at + at_line[n:] if at_line[:n] == path[:n] else at
+                line = lines.get(line_at)
+                while line is None and line_at:  # a missed path: its parent's line
+                    line_at = line_at[:-1]
+                    line = lines.get(line_at)
+                self.issues.append(ConfigIssue(message, file=source, line=line,
+                                               path=format_path(where) or None))
+                return
         self.issues.append(ConfigIssue(
             message, file=self.name, line=self.line_of(path if line_path is None else line_path),
             path=format_path(path) or None))

@@ -207,7 +207,8 @@ class TargetGroupConfig(ClusterConfig, kw_only=True):
     """One ``[[target_groups]]`` entry: a named cluster that routing rules can send to.
     Same keys as ``[targets]``, plus ``name``."""
 
-    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    # "@": dynamic configuration qualifies its names as name@provider (config/merge.py)
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
 
 
 # ---------------------------------------------------------------- [plugins]

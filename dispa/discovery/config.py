@@ -26,6 +26,7 @@ WARNING: a new key needs a row in docs/configuration.md (tests/unit/config/test_
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Callable, Literal, Optional
 
 import msgspec
@@ -34,7 +35,7 @@ from msgspec import Meta
 __all__ = [
     "PROVIDER_KINDS", "ConsulOptions", "DiscoverySource", "DnsOptions", "EtcdOptions",
     "KubernetesOptions", "RegisterConfig", "ServiceDiscoveryConfig", "check_discovery",
-    "source_kind",
+    "object_ref_ok", "source_kind", "split_object_ref",
 ]
 
 
@@ -88,6 +89,9 @@ class KubernetesOptions(_Table):
     token_file: str = ""
     ca_file: str = ""
     namespace: str = "default"  # for a source service without "namespace/"
+    # dynamic configuration: ConfigMaps ("namespace/name" or "name") whose keys ending in
+    # .toml/.json are fragments (docs/discovery.md, config/merge.py)
+    config_maps: list[str] = msgspec.field(default_factory=list)
 
 
 class DnsOptions(_Table):
@@ -197,6 +201,10 @@ def check_discovery(settings: Optional[ServiceDiscoveryConfig],
         if _resolver_address(resolver) is None:
             issue(f"resolver {resolver!r}: expected \"ip\", \"ip:port\" or \"[ipv6]:port\"",
                   sd + ("dns", "resolvers", n))
+    for n, ref in enumerate(settings.kubernetes.config_maps):
+        if not object_ref_ok(ref):
+            issue(f"config map {ref!r}: expected \"name\" or \"namespace/name\"",
+                  sd + ("kubernetes", "config_maps", n))
     if not settings.etcd.endpoints:
         issue("at least one etcd endpoint is required", sd + ("etcd", "endpoints"))
     for n, url in enumerate(settings.etcd.endpoints):
@@ -214,6 +222,21 @@ def check_discovery(settings: Optional[ServiceDiscoveryConfig],
         # refused here rather than logged at run time: the operator asked to be announced
         issue(f"the {kind} provider cannot register this node (consul and etcd can)",
               sd + ("register", "provider") if register.provider else sd + ("provider",))
+
+
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def object_ref_ok(ref: str) -> bool:
+    """``"name"`` or ``"namespace/name"`` with Kubernetes object names (RFC 1123 subdomain)."""
+    parts = ref.split("/")
+    return 1 <= len(parts) <= 2 and all(_OBJECT_NAME.fullmatch(p) for p in parts)
+
+
+def split_object_ref(ref: str, default_namespace: str) -> tuple[str, str]:
+    """``(namespace, name)`` of a validated :func:`object_ref_ok` reference."""
+    ns, _, name = ref.rpartition("/")
+    return ns or default_namespace, name
 
 
 def _resolver_address(text: str) -> Optional[tuple[str, int]]:

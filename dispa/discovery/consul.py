@@ -45,7 +45,8 @@ watches ``GET /v1/kv/<prefix>?recurse`` the same way. The latest map (key below 
 prefix -> UTF-8 value, decoded from base64) is :attr:`ConsulProvider.kv`; ``on_kv`` (a
 callable, optional) is called with a copy after every change, and ``status()`` reports its
 keys with the size and a digest of each value (never the values: they may be secrets).
-Dispa itself only reports it today (docs/discovery-consul.md).
+The discovery watcher hooks ``on_kv`` to the master: each key is a configuration fragment
+(``config/merge.py``; docs/discovery.md, "Dynamic configuration").
 
 Self-registration: ``register(instance)`` sends ``PUT /v1/agent/service/register`` with a
 TTL check (``Check: {CheckID: "service:<id>", TTL, DeregisterCriticalServiceAfter, Status:

@@ -34,6 +34,12 @@ token and CA under ``/var/run/secrets/kubernetes.io/serviceaccount`` and
 ``KUBERNETES_SERVICE_HOST``/``PORT``). A token file is re-read when it changes (projected
 tokens rotate). aiohttp is imported here only: workers never import this module.
 
+ConfigMaps (``[service_discovery.kubernetes] config_maps``) and Secrets (``[tls]
+kubernetes_secrets``) are watched by :meth:`KubernetesProvider.run` when the watcher set
+``on_config`` / ``on_secret``: every ``.toml``/``.json`` key of the ConfigMaps is a
+configuration fragment (``config/merge.py``), every Secret a certificate pair for the TLS
+store.
+
 See docs/discovery-kubernetes.md.
 """
 
@@ -764,6 +770,14 @@ class KubernetesProvider(Provider):
         self._states: dict[str, _Source] = {}
         self._side: dict[str, Reflector] = {}  # configmap/secret watches, for status
         self._peers: list[Reflector] = []  # the reflectors that share self.health
+        # Dynamic configuration and certificates (set by the watcher before run()):
+        # ConfigMaps whose .toml/.json keys are fragments -> on_config({key: text});
+        # kubernetes.io/tls Secrets -> on_secret("ns/name", KubeSecret or None).
+        self.config_maps: list[str] = list(getattr(self.options, "config_maps", ()) or ())
+        self.secrets: list[str] = []
+        self.on_config: Optional[Callable[[dict], Any]] = None
+        self.on_secret: Optional[Callable[[str, Optional["KubeSecret"]], Any]] = None
+        self._maps: dict[str, Optional[KubeConfigMap]] = {}
 
     # ------------------------------------------------------------ client
     def _namespace(self) -> str:
@@ -795,6 +809,12 @@ class KubernetesProvider(Provider):
         client = await self._client()
         self._peers.clear()  # a restarted run (after a crash) builds new reflectors
         tasks = [asyncio.ensure_future(self._run_source(client, s, emit)) for s in self.sources]
+        tasks += [asyncio.ensure_future(self._run_config_map(ref)) for ref in
+                  (self.config_maps if self.on_config is not None else ())]
+        tasks += [asyncio.ensure_future(self._run_secret(ref)) for ref in
+                  (self.secrets if self.on_secret is not None else ())]
+        if not tasks:
+            await asyncio.Event().wait()  # nothing to watch: idle until cancelled
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -918,6 +938,39 @@ class KubernetesProvider(Provider):
             await ref.run()
         finally:
             self._side.pop(key, None)
+
+    def _ref(self, ref: str) -> tuple[str, str]:
+        ns, _, name = ref.rpartition("/")
+        return ns or self._namespace(), name
+
+    async def _run_config_map(self, ref: str) -> None:
+        """Watch one ConfigMap of ``config_maps``; after each change hand every map's
+        fragments (``ns/name/key`` -> text, keys ending in .toml/.json) to ``on_config``.
+        A ConfigMap that does not exist contributes nothing."""
+        ns, name = self._ref(ref)
+
+        async def changed(cm: Optional[KubeConfigMap]) -> None:
+            self._maps[f"{ns}/{name}"] = cm
+            fragments = {}
+            for key, m in sorted(self._maps.items()):
+                for k, text in sorted((m.data if m is not None else {}).items()):
+                    if k.lower().endswith((".toml", ".json")):
+                        fragments[f"{key}/{k}"] = text
+            if self.on_config is not None:
+                await _maybe_await(self.on_config(fragments))
+
+        await self.watch_configmap(ns, name, changed)
+
+    async def _run_secret(self, ref: str) -> None:
+        """Watch one Secret of ``[tls] kubernetes_secrets``: ``on_secret("ns/name", secret
+        or None)`` after each change."""
+        ns, name = self._ref(ref)
+
+        async def changed(secret: Optional[KubeSecret]) -> None:
+            if self.on_secret is not None:
+                await _maybe_await(self.on_secret(f"{ns}/{name}", secret))
+
+        await self.watch_secret(ns, name, changed)
 
     # ------------------------------------------------------------ status, close
     def status(self) -> dict:

@@ -29,6 +29,12 @@ bindings (:meth:`merge_for`, which changes nothing) and, only once the reload ha
 calls :meth:`reconfigure` (providers whose settings or sources changed are restarted; the
 sets they had stay in force until they answer again). A reload refused at any step leaves
 the running providers, sources and sets as they were.
+
+Configuration and certificates: with ``on_config`` set, a Consul provider runs for
+``kv_prefix`` and a Kubernetes one for ``config_maps`` even without a cluster source, and
+their complete fragment sets go to ``on_config(kind, {key: text})`` (the master merges
+them, ``config/merge.py``); with ``on_secret`` and ``secrets``, the Kubernetes provider
+watches those Secrets for the TLS store (:meth:`config_kinds`, :meth:`_hook`).
 """
 
 from __future__ import annotations
@@ -150,8 +156,17 @@ class DiscoveryWatcher:
                  sources: dict[str, DiscoverySource],
                  publish: Callable[[], Awaitable[None]], *,
                  factory: Callable[..., Provider] = build_provider,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 on_config: Optional[Callable[[str, dict], Awaitable[None]]] = None,
+                 on_secret: Optional[Callable[[str, object], Awaitable[None]]] = None,
+                 secrets: tuple[str, ...] = ()):
         self.publish = publish
+        # Dynamic configuration (config/merge.py): ``on_config(kind, {key: text})`` gets a
+        # provider's complete fragment set (Consul kv_prefix, Kubernetes config_maps);
+        # ``on_secret("ns/name", secret)`` each change of a [tls] kubernetes_secrets Secret.
+        self.on_config = on_config
+        self.on_secret = on_secret
+        self.secrets: tuple[str, ...] = tuple(secrets)
         self.factory = factory
         self.clock = clock
         self.settings = settings or ServiceDiscoveryConfig()
@@ -228,10 +243,13 @@ class DiscoveryWatcher:
         return True
 
     async def reconfigure(self, settings: Optional[ServiceDiscoveryConfig],
-                          sources: dict[str, DiscoverySource]) -> None:
+                          sources: dict[str, DiscoverySource],
+                          secrets: Optional[tuple[str, ...]] = None) -> None:
         """Adopt a reloaded configuration: restart only the providers whose settings or
         sources changed; sets of services no longer consumed are forgotten."""
         self.settings = settings or ServiceDiscoveryConfig()
+        if secrets is not None:
+            self.secrets = tuple(secrets)
         self._set_sources(sources)
         wanted = self.wanted
         for key in [k for k in self.sets if k not in wanted]:
@@ -240,10 +258,40 @@ class DiscoveryWatcher:
             self.updated_at.pop(key, None)
         self._sync_providers()
 
+    def config_kinds(self) -> set[str]:
+        """The kinds that run for dynamic configuration or certificates even without a
+        cluster source: Consul with ``kv_prefix``, Kubernetes with ``config_maps`` or
+        ``[tls] kubernetes_secrets``."""
+        kinds = set()
+        if self.on_config is not None and self.settings.consul.kv_prefix:
+            kinds.add("consul")
+        if (self.on_config is not None and self.settings.kubernetes.config_maps) or \
+                (self.on_secret is not None and self.secrets):
+            kinds.add("kubernetes")
+        return kinds
+
+    def _extra_inputs(self, kind: str) -> tuple:
+        return (self.secrets,) if kind == "kubernetes" else ()
+
+    def _hook(self, kind: str, provider: Provider) -> None:
+        """Connect a provider's configuration and certificate callbacks to ours."""
+        on_config, on_secret = self.on_config, self.on_secret
+        if on_config is not None and hasattr(provider, "on_kv"):  # Consul KV
+            provider.on_kv = lambda kv, kind=kind: on_config(kind, kv)
+        if hasattr(provider, "on_secret"):  # Kubernetes
+            if on_config is not None:
+                provider.on_config = lambda fragments, kind=kind: on_config(kind, fragments)
+            if on_secret is not None:
+                provider.secrets = list(self.secrets)
+                provider.on_secret = on_secret
+
     def _sync_providers(self) -> None:
         by_kind = sources_by_kind(self.settings, self.sources)
+        for kind in self.config_kinds():
+            by_kind.setdefault(kind, [])
         for kind in list(self.providers):
-            inputs = (provider_inputs(self.settings, kind), tuple(by_kind.get(kind, ())))
+            inputs = (provider_inputs(self.settings, kind), tuple(by_kind.get(kind, ())),
+                      self._extra_inputs(kind))
             if kind not in by_kind or self._inputs.get(kind) != inputs:
                 self._stop_provider(kind)
         for kind, sources in by_kind.items():
@@ -254,8 +302,10 @@ class DiscoveryWatcher:
             except Exception as exc:  # an import error, a bad option the checks missed
                 log.error("discovery provider %s cannot start: %s", kind, exc)
                 continue
+            self._hook(kind, provider)
             self.providers[kind] = provider
-            self._inputs[kind] = (provider_inputs(self.settings, kind), tuple(sources))
+            self._inputs[kind] = (provider_inputs(self.settings, kind), tuple(sources),
+                                  self._extra_inputs(kind))
             self.updates.setdefault(kind, 0)
             self._tasks[kind] = asyncio.ensure_future(self._supervise(provider))
 

@@ -27,6 +27,7 @@ from dispa import _native
 from dispa.admin.api import AdminServer
 from dispa.balancer.health import HealthChecker
 from dispa.config import LoadedConfig, load_config
+from dispa.config.merge import DynamicConfig
 from dispa.discovery.registry import cluster_sources, self_instance
 from dispa.discovery.watcher import DiscoveryWatcher
 from dispa.errors import ConfigError, StartupError
@@ -35,7 +36,7 @@ from dispa.observability.metrics import MetricsAggregator
 from dispa.observability.rotation import LogRotator
 from dispa.server import messages as m
 from dispa.server.listeners import probe_listeners
-from dispa.server.supervisor import Supervisor
+from dispa.server.supervisor import SPAWN_MODE, Supervisor
 from dispa.tls.acme.service import AcmeService
 from dispa.tls.store import CertStore, with_tls
 
@@ -51,6 +52,14 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_CRASH_LOOP = 3
+
+
+def _preload_for_fork(snapshot) -> None:
+    """Forked workers share the master's pages: import the heavy optional modules the
+    snapshot turns on (tracing's SDK and exporter) here, once, before forking."""
+    if SPAWN_MODE == "fork":
+        from dispa.observability.tracing import preload
+        preload(snapshot)
 
 
 def usable_cpus() -> int:
@@ -98,6 +107,13 @@ class Master:
         # merges discovered endpoints into it (self.loaded.snapshot is the merged one).
         self.discovery: DiscoveryWatcher | None = None
         self.file_snapshot = None
+        # Dynamic configuration (docs/discovery.md): fragments from Consul KV / ConfigMaps
+        # merged into the file's config; base_loaded is the file's own LoadedConfig.
+        self.dynamic = DynamicConfig()
+        self.base_loaded: LoadedConfig | None = None
+        self._base_in_force: LoadedConfig | None = None  # restored by a refused reload
+        self._dynamic_pending: dict[str, dict] = {}
+        self._dynamic_tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------------ helpers
     def worker_count(self) -> int:
@@ -148,6 +164,7 @@ class Master:
         self._stop = loop.create_future()
         if self.loaded is None:
             self.loaded = load_config(self.config_path)
+        self.base_loaded = self._base_in_force = self.loaded
         self.loaded = self._with_tls(self.loaded)
         self._config_fingerprint = self._fingerprint()
         probe_listeners(self.loaded.static.listeners)
@@ -159,9 +176,11 @@ class Master:
             await self.discovery.wait_initial(INITIAL_DISCOVERY_SECONDS)
             self.loaded = dataclasses.replace(
                 self.loaded, snapshot=self.discovery.merge(self.file_snapshot))
+        await self._wait_secrets(INITIAL_DISCOVERY_SECONDS)
         self.health.configure(self.loaded.snapshot.clusters)
         for sig, action in SIGNALS.items():
             loop.add_signal_handler(sig, getattr(self, action))
+        _preload_for_fork(self.loaded.snapshot)
         try:
             await self.supervisor.start_generation(self.worker_count())
         except RuntimeError as exc:
@@ -233,23 +252,35 @@ class Master:
                 self._config_fingerprint = fp
                 await self.reload("config file changed")
 
-    async def reload(self, reason: str) -> bool:
-        """Load, validate and apply the config file; keep the running config on any error."""
-        if not self.config_path:
+    async def reload(self, reason: str, *, dynamic: str | None = None) -> bool:
+        """Load, validate and apply the config file; keep the running config on any error.
+        ``dynamic``: a provider whose configuration fragments changed instead; the file is
+        not re-read, its last good version is merged with the fragments (config/merge.py)."""
+        if not self.config_path and dynamic is None:
             log.info("reload requested (%s) but no config file is in use", reason)
             return False
         async with self._reload_lock:
             if self.supervisor.stopping:
                 log.info("reload (%s) ignored: shutting down", reason)
                 return False
-            self._config_fingerprint = self._fingerprint()
-            try:
-                new = load_config(self.config_path)
-            except ConfigError as exc:
-                self._reload_failed(reason, [e.as_dict() for e in exc.errors])
-                for e in exc.errors:
-                    log.error("config reload refused: %s", e.format())
-                return False
+            old_base = self.base_loaded
+            if dynamic is not None:
+                texts = self._dynamic_pending.pop(dynamic, None)
+                if texts is None or dynamic not in self._dynamic_kinds(self.loaded):
+                    return False
+                new = self.dynamic.offer(dynamic, texts, self.base_loaded)
+                if new is None:  # unchanged, or refused (the errors are in the status)
+                    return False
+            else:
+                self._config_fingerprint = self._fingerprint()
+                try:
+                    new = load_config(self.config_path)
+                except ConfigError as exc:
+                    self._reload_failed(reason, [e.as_dict() for e in exc.errors])
+                    for e in exc.errors:
+                        log.error("config reload refused: %s", e.format())
+                    return False
+                self.base_loaded, new = new, self._with_dynamic(new)
             try:
                 new = self._with_tls(new)
             except StartupError as exc:
@@ -272,14 +303,17 @@ class Master:
                     return False
             new = dataclasses.replace(new, snapshot=self.acme.snapshot_for(new.snapshot))
             self.loaded, self.file_snapshot = new, new_file_snapshot
+            self._base_in_force = self.base_loaded
             if new.log_level != old.log_level and self.log_level_override is None:
                 self.set_log_level(new.log_level)
             self.health.configure(new.snapshot.clusters)
             if static_changed:
+                _preload_for_fork(new.snapshot)
                 try:
                     previous = await self.supervisor.start_generation(self.worker_count())
                 except RuntimeError as exc:
                     self.loaded, self.file_snapshot = old, old_file_snapshot
+                    self._base_in_force = old_base
                     self.health.configure(old.snapshot.clusters)
                     self._reload_failed(reason, [{"message": f"new workers failed: {exc}"}])
                     log.error("config reload refused: new workers failed: %s", exc)
@@ -314,7 +348,8 @@ class Master:
         store.configure(loaded.model.tls, loaded.snapshot.tls)
         store.refresh(force=True)
         store.rotate_ticket_keys()
-        if store.enabled and not store.certificates() and not loaded.model.tls.acme.enabled:
+        if store.enabled and not store.certificates() and not loaded.model.tls.acme.enabled \
+                and not loaded.model.tls.kubernetes_secrets:
             store.configure(*previous)
             errors = "; ".join(e["error"] for e in store.errors()) or "none configured"
             raise StartupError(f"TLS is enabled but no certificate is usable: {errors}")
@@ -398,13 +433,22 @@ class Master:
         """Start or reconfigure the discovery watcher for ``loaded``, now in force."""
         settings = loaded.model.service_discovery
         sources = cluster_sources(loaded.model)
+        secrets = self._secret_refs(loaded)
         if self.discovery is None:
-            if not sources and (settings is None or settings.register is None):
+            if not sources and (settings is None or settings.register is None) \
+                    and not self._dynamic_kinds(loaded) and not secrets:
                 return
-            self.discovery = DiscoveryWatcher(settings, sources, self._publish_discovered)
+            self.discovery = DiscoveryWatcher(settings, sources, self._publish_discovered,
+                                              on_config=self._on_dynamic_config,
+                                              on_secret=self._on_secret, secrets=secrets)
             await self.discovery.start()
         else:
-            await self.discovery.reconfigure(settings, sources)
+            await self.discovery.reconfigure(settings, sources, secrets)
+        for kind in set(self.dynamic.good) - self._dynamic_kinds(loaded):
+            self.dynamic.forget(kind)  # its source left the config: the reload dropped it
+        # Secrets no longer configured stop serving (once the reload is in force)
+        if self.tls_store.drop_pairs({f"kubernetes:{r}" for r in secrets}):
+            self._background(self.publish_tls())
 
     async def _publish_discovered(self) -> None:
         """The watcher's publish step: merge, then apply to the workers and the checker."""
@@ -422,6 +466,88 @@ class Master:
             log.info("discovered endpoints applied", extra={"fields": {
                 "version": snapshot.version}})
 
+    # ------------------------------------------------------------------ dynamic configuration
+    @staticmethod
+    def _dynamic_kinds(loaded: LoadedConfig) -> set[str]:
+        """The providers that contribute configuration fragments under ``loaded``."""
+        sd = loaded.model.service_discovery
+        if sd is None:
+            return set()
+        return ({"consul"} if sd.consul.kv_prefix else set()) | (
+            {"kubernetes"} if sd.kubernetes.config_maps else set())
+
+    @staticmethod
+    def _secret_refs(loaded: LoadedConfig) -> tuple[str, ...]:
+        """``[tls] kubernetes_secrets`` as ``namespace/name`` (TLS on only)."""
+        tls = loaded.model.tls
+        if not tls.enabled or not tls.kubernetes_secrets:
+            return ()
+        sd = loaded.model.service_discovery
+        ns = sd.kubernetes.namespace if sd is not None else "default"
+        return tuple(r if "/" in r else f"{ns or 'default'}/{r}" for r in tls.kubernetes_secrets)
+
+    def _with_dynamic(self, base: LoadedConfig) -> LoadedConfig:
+        """A reloaded file with the fragments in force merged in. When they no longer fit
+        it, each provider's last offered fragments are offered again against the new file:
+        those that fit are kept, the others refused (their errors show in the status)."""
+        for kind in set(self.dynamic.offered) - self._dynamic_kinds(base):
+            self.dynamic.forget(kind)
+        try:
+            return self.dynamic.merge(base)
+        except ConfigError as exc:
+            for e in exc.errors:
+                log.error("dynamic configuration does not fit the reloaded file: %s",
+                          e.format())
+        offered = dict(self.dynamic.offered)
+        self.dynamic.good.clear()
+        self.dynamic.offered.clear()
+        result = base
+        for kind, texts in sorted(offered.items()):
+            result = self.dynamic.offer(kind, texts, base) or result
+        return result
+
+    def _on_dynamic_config(self, kind: str, fragments: dict) -> None:
+        """A provider's complete fragment set (the watcher's ``on_config``). Applied in a
+        task of its own: the reload may restart that very provider."""
+        self._dynamic_pending[kind] = dict(fragments)
+        self._background(self.reload(f"{kind} configuration changed", dynamic=kind))
+
+    def _on_secret(self, ref: str, secret) -> None:
+        """A ``[tls] kubernetes_secrets`` Secret changed (None: it does not exist)."""
+        label = f"kubernetes:{ref}"
+        if secret is None:
+            changed = self.tls_store.drop_pairs(set(self.tls_store.external) - {label})
+        elif not getattr(secret, "is_tls", False):
+            changed = self.tls_store.set_pair(label, None, None)
+            self.tls_store.external[label].error = (
+                f"{label}: type {secret.type!r}, expected kubernetes.io/tls")
+        else:
+            changed = self.tls_store.set_pair(label, secret.cert_pem, secret.key_pem)
+        if changed:
+            self._background(self.publish_tls())
+
+    def _background(self, coro) -> None:
+        """Run ``coro`` in a task of its own, referenced until it ends."""
+        task = asyncio.ensure_future(coro)
+        self._dynamic_tasks.add(task)
+        task.add_done_callback(self._dynamic_tasks.discard)
+
+    async def _wait_secrets(self, timeout: float) -> None:
+        """At start: give the Secrets of ``[tls] kubernetes_secrets`` ``timeout`` seconds to
+        arrive, so that the workers start with their certificates."""
+        wanted = {f"kubernetes:{r}" for r in self._secret_refs(self.loaded)}
+        deadline = time.monotonic() + timeout
+        while wanted and time.monotonic() < deadline and not all(
+                self.tls_store.external.get(w) is not None
+                and (self.tls_store.external[w].current or self.tls_store.external[w].error)
+                for w in wanted):
+            await asyncio.sleep(0.05)
+        if wanted:
+            self.loaded = dataclasses.replace(self.loaded, snapshot=with_tls(
+                self.loaded.snapshot, self.tls_store.payload()))
+            if self.file_snapshot is not None:
+                self.file_snapshot = with_tls(self.file_snapshot, self.tls_store.payload())
+
     @staticmethod
     def _registration(loaded: LoadedConfig) -> tuple:
         """``(Instance or None, provider kind)`` that ``[service_discovery.register]`` asks for."""
@@ -436,6 +562,7 @@ class Master:
             self.discovery.start_registration(instance, kind)
 
     def _reload_failed(self, reason: str, errors: list[dict]) -> None:
+        self.base_loaded = self._base_in_force
         if self._tls_committed is not None:  # the certificate store goes back as well
             self.tls_store.configure(*self._tls_committed)
         self.reloads_failed += 1
@@ -520,6 +647,8 @@ class Master:
             "log_level": {"master": logs.get_level(), "workers": self.worker_log_levels},
             "acme": self.acme.status(),
             "tls": self.tls_store.status() if self.tls_store.compiled else None,
+            # fragments in force and refused per provider (docs/discovery.md)
+            "dynamic_config": self.dynamic.status(),
             **self.extra_status,
         }
 

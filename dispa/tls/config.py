@@ -92,6 +92,9 @@ class TlsConfig(_Table):
     sni: list[SniConfig] = msgspec.field(default_factory=list)
     upstream: UpstreamTlsConfig = UpstreamTlsConfig()
     acme: AcmeConfig = AcmeConfig()
+    # kubernetes.io/tls Secrets ("namespace/name" or "name") served like certificate files,
+    # watched through [service_discovery.kubernetes] (docs/discovery-kubernetes.md)
+    kubernetes_secrets: list[str] = msgspec.field(default_factory=list)
 
 
 # ---------------------------------------------------------------- checks (config.load)
@@ -164,10 +167,15 @@ def check_tls(tls: TlsConfig, issue, http_address) -> None:
     for n, d in enumerate(tls.certificate_dirs):
         if not os.path.isdir(d):
             issue(f"{d!r} is not a directory", where + ("certificate_dirs", n))
+    from dispa.discovery.config import object_ref_ok
+    for n, ref in enumerate(tls.kubernetes_secrets):
+        if not object_ref_ok(ref):
+            issue(f"secret {ref!r}: expected \"name\" or \"namespace/name\"",
+                  where + ("kubernetes_secrets", n))
     if tls.enabled and not tls.certificates and not tls.certificate_dirs \
-            and not tls.acme.enabled:
+            and not tls.acme.enabled and not tls.kubernetes_secrets:
         issue("TLS is enabled but no certificate is configured: add [[tls.certificates]], "
-              "certificate_dirs or [tls.acme]", where + ("enabled",))
+              "certificate_dirs, kubernetes_secrets or [tls.acme]", where + ("enabled",))
     auths = [(where + ("client_auth",), tls.client_auth)]
     for n, sni in enumerate(tls.sni):
         for i, name in enumerate(sni.names):

@@ -69,6 +69,9 @@ class CertStore:
         self.ocsp_due: dict[str, float] = {}  # certificate id -> next fetch (epoch)
         self.refreshes = 0
         self.changes = 0
+        # pairs from other sources than files (Kubernetes Secrets): label -> _Source;
+        # validated like files, kept across refresh() (see set_pair)
+        self.external: dict[str, _Source] = {}
 
     # -- configuration -----------------------------------------------------------------
     def configure(self, tls_config, compiled: dict | None) -> None:
@@ -306,9 +309,52 @@ class CertStore:
         return {"cert_file": src.cert_file, "id": src.current["id"],
                 "previous_id": src.previous["id"], "names": src.current["names"]}
 
+    # -- pairs from other sources (Kubernetes Secrets) -----------------------------------
+    def set_pair(self, label: str, cert_pem: bytes | None, key_pem: bytes | None) -> bool:
+        """Offer the pair of a non-file source (``label``: ``kubernetes:ns/name``). It is
+        validated like a file pair (``certs.parse_pair``): a bad pair is refused with an
+        error in the status and the current one keeps serving. True when what is served
+        changed (publish a snapshot)."""
+        from dispa.tls.certs import parse_pair
+        src = self.external.get(label)
+        if src is None:
+            src = self.external[label] = _Source(label, label, label, [])
+        try:
+            if not cert_pem or not key_pem:
+                raise CertError(f"{label}: the secret has no tls.crt and tls.key")
+            info = parse_pair(cert_pem, key_pem, where=label)
+        except CertError as exc:
+            if str(exc) != src.error:
+                log.error("certificate %s refused%s: %s", label,
+                          "; the previous one keeps serving" if src.current else "", exc,
+                          extra={"fields": {"cert_file": label, "error": str(exc)}})
+            src.error = str(exc)
+            return False
+        src.error = ""
+        info["source"] = label
+        if src.current is not None and src.current["id"] == info["id"]:
+            return False
+        if src.current is not None:
+            log.info("certificate %s replaced", label, extra={"fields": {
+                "cert_file": label, "id": info["id"], "previous": src.current["id"]}})
+        src.previous, src.current = src.current, info
+        self.changes += 1
+        return True
+
+    def drop_pairs(self, keep: set[str]) -> bool:
+        """Forget the non-file sources whose label is not in ``keep`` (a Secret deleted,
+        or no longer configured); True when a served pair went away."""
+        changed = False
+        for label in [k for k in self.external if k not in keep]:
+            changed = self.external.pop(label).current is not None or changed
+        return changed
+
     # -- output ------------------------------------------------------------------------
+    def _all_sources(self) -> list[_Source]:
+        return list(self.sources.values()) + list(self.external.values())
+
     def certificates(self) -> list[dict]:
-        return [s.current for s in self.sources.values() if s.current is not None]
+        return [s.current for s in self._all_sources() if s.current is not None]
 
     def payload(self) -> dict | None:
         """``Snapshot.tls``: compiled settings + certificates + CA/CRL PEM + ticket key."""
@@ -340,7 +386,7 @@ class CertStore:
     def errors(self) -> list[dict]:
         out = [{"cert_file": s.cert_file, "error": s.error,
                 "serving_previous": s.current is not None}
-               for s in self.sources.values() if s.error]
+               for s in self._all_sources() if s.error]
         out += [{"file": p, "error": f[2]} for p, f in self.files.items() if f[2]]
         return out
 
@@ -358,7 +404,7 @@ class CertStore:
                 "rolled_back": s.pinned is not None,
                 "ocsp_stapled": bool(s.current and s.current.get("ocsp")),
                 "error": s.error or None,
-            } for s in self.sources.values()],
+            } for s in self._all_sources()],
             "errors": self.errors(),
             "ticket_key_age_seconds": round(now - self.ticket_rotated_at)
             if self.ticket_keys else None,
@@ -367,7 +413,7 @@ class CertStore:
     def expiry_gauges(self) -> list[tuple]:
         now = self.clock()
         out = []
-        for s in self.sources.values():
+        for s in self._all_sources():
             if s.current is None:
                 continue
             c = s.current
