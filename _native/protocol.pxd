@@ -58,6 +58,17 @@ cdef class _RuntimeView:
     cdef object observe_upstream
     # the runtime's log-phase fan-out (observability/exchange.py); None: no sinks
     cdef object log_exchange
+    # the tracing gates (observability/tracing_gate.py), set by _gates_of: the pipeline's
+    # TraceGate (None: every request enters the pipeline) as C values, and the runtime's
+    # LogGate (None: every exchange is built)
+    cdef object trace_gate
+    cdef unsigned long long tg_bound
+    cdef Slice tg_names[3]
+    cdef int tg_n
+    cdef object log_gate
+    cdef bint lg_errors
+    cdef double lg_slow
+    cdef object lg_key
 
 
 @cython.final

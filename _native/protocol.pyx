@@ -33,6 +33,7 @@
 
 import asyncio
 import logging
+import os
 import socket
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -193,6 +194,92 @@ cdef class RequestIds:
         return out
 
 
+# -- tracing gates (dispa/observability/tracing_gate.py, the executable spec) ---------------
+
+cdef unsigned long long _tg_state = 1
+
+
+cdef inline unsigned long long _tg_draw() noexcept:
+    """xorshift64*: tracing_gate.draw, the low 64 bits of a new trace id."""
+    global _tg_state
+    cdef unsigned long long x = _tg_state
+    x ^= x >> 12
+    x ^= x << 25
+    x ^= x >> 27
+    _tg_state = x
+    return x * <unsigned long long>0x2545F4914F6CDD1D
+
+
+def trace_gate_seed(value):
+    """Reset the gate's generator (tests; tracing_gate.seed is the pure twin's)."""
+    global _tg_state
+    cdef unsigned long long x = int(value) & 0xFFFFFFFFFFFFFFFF
+    _tg_state = x if x else <unsigned long long>0x9E3779B97F4A7C15
+
+
+def _tg_reseed():
+    trace_gate_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+_tg_reseed()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_tg_reseed)  # each worker draws its own ids
+
+
+cdef int _gates_of(_RuntimeView v, object rt) except -1:
+    pipeline = rt.pipeline
+    gate = getattr(pipeline, "trace_gate", None) if pipeline is not None else None
+    v.trace_gate = gate
+    v.tg_n = 0
+    if gate is not None:
+        v.tg_bound = gate.bound
+        for name in gate.names[:3]:  # TraceGate.names is a tuple of bytes: it outlives v
+            v.tg_names[v.tg_n].p = <const unsigned char*>PyBytes_AS_STRING(name)
+            v.tg_names[v.tg_n].n = PyBytes_GET_SIZE(name)
+            v.tg_n += 1
+    lg = getattr(rt, "log_gate", None)
+    v.log_gate = lg
+    if lg is not None:
+        v.lg_errors = lg.errors
+        v.lg_slow = lg.slow
+        v.lg_key = lg.ctx_key
+    return 0
+
+
+cdef bint _tg_wants(_RuntimeView v, list headers) except -1:
+    """TraceGate.wants in C: a propagation header, or a draw below the ratio bound (left in
+    the gate for the filter)."""
+    cdef Py_ssize_t i, j, n
+    cdef tuple item
+    cdef bytes k
+    cdef unsigned long long low
+    for i in range(len(headers)):
+        item = <tuple>headers[i]
+        k = <bytes>item[0]
+        n = PyBytes_GET_SIZE(k)
+        for j in range(v.tg_n):
+            if _ieq(<const unsigned char*>PyBytes_AS_STRING(k), n,
+                    <const char*>v.tg_names[j].p, v.tg_names[j].n):
+                return True
+    low = _tg_draw()
+    if low < v.tg_bound:
+        v.trace_gate.low = low
+        return True
+    return False
+
+
+cdef bint _log_wanted(Session s, _RuntimeView v, int status) except -1:
+    """Session._log_wanted in C: whether a log sink can use this exchange (LogGate)."""
+    if v.lg_errors and status >= 500:
+        return True
+    if v.lg_slow > 0 and _now() - s.t0 >= v.lg_slow:
+        return True
+    plan = s.plan
+    if v.lg_key is not None and plan is not None:
+        return plan.req.ctx.get(v.lg_key) is not None
+    return False
+
+
 # -- runtime view ----------------------------------------------------------------------------
 
 cdef _RuntimeView py_view = None
@@ -242,6 +329,7 @@ cdef _RuntimeView _view_of(object server):
     v.observe_request = server.metrics.observe_request
     v.observe_upstream = server.metrics.observe_upstream
     v.log_exchange = getattr(rt, "log_exchange", None)
+    _gates_of(v, rt)
     py_view = v
     return v
 
@@ -501,8 +589,11 @@ cdef class Session:
 
         self.keep_alive = head.keep_alive and not self.close_after
         self._set_cluster(rt.default_cluster)
-        if pipeline is not None:
-            # routing rules and filters (phases 3-6): the pipeline decides, maybe later
+        if pipeline is not None and (rt.trace_gate is None or not self._memo_match
+                                     or _tg_wants(rt, head.headers)):
+            # routing rules and filters (phases 3-6): the pipeline decides, maybe later.
+            # (Tracing alone: the requests its gate passes, observability/tracing_gate.py,
+            # and hosts outside the interception, which the pipeline rejects.)
             plan = pipeline.start(self, head, host, target, self._memo_match, self.peer_ip,
                                   self.rid)
             if plan is not None:
@@ -1410,7 +1501,7 @@ cdef class Session:
         if plan is not None and plan.log_hooks:
             plan.log(status, None if status < 500 and status != 499 else str(status))
         sink = v.log_exchange
-        if sink is not None:
+        if sink is not None and (v.log_gate is None or _log_wanted(self, v, status)):
             sink(_exchange_of(self, status))
         return 0
 

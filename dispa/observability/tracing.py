@@ -10,14 +10,19 @@ Tracing has two halves, split so that an unsampled request costs almost nothing:
    the request is sampled or has a parent, leaves a :class:`TraceContext` in
    ``req.ctx["tracing"]`` and injects a ``traceparent`` (and/or B3) whose parent is Dispa's
    CLIENT span. Unsampled and parentless: the hook returns after one header scan and one
-   random draw, and the request stays on the pipeline's fast path.
+   random draw, and the request stays on the pipeline's fast path; when the filter is the
+   pipeline's only member, the Session makes that check itself, in C, and never calls the
+   pipeline for such a request (observability/tracing_gate.py).
 2. **Log phase** - :class:`TracingSink`, one of the log-phase sinks
-   (observability/exchange.py), sees every finished :class:`Exchange`. It keeps a trace
+   (observability/exchange.py), sees the finished :class:`Exchange` records it can use
+   (its ``log_gate``: traced requests, 5xx, slow ones; every exchange when another sink
+   needs them all, or when no request filter made the head decision). It keeps a trace
    when the head decision sampled it, or *at the end* when the exchange failed (5xx or an
    error, ``always_sample_errors``) or was slow (``duration > slow_threshold``). That tail
    decision is taken within the request, after its last byte: the facts it needs (status,
-   duration, attempts, headers) are recorded for every request anyway by the log phase, and
-   spans are only built for kept traces. A tail-kept trace continues the client's trace
+   duration, attempts, headers) are recorded by the log phase for every request that can
+   qualify (the Session checks status, duration and trace context first), and spans are
+   only built for kept traces. A tail-kept trace continues the client's trace
    when the request carried a parent; its upstream saw a ``traceparent`` with the
    not-sampled flag (or none at all for a parentless request), so the upstream's own spans
    may be missing from it.
@@ -31,7 +36,8 @@ Dispa retries only when nothing was sent (connect failures), so the earlier atte
 reached an upstream and get their own ids.
 
 Rule: nothing here imports opentelemetry at module level; the SDK loads in the first
-worker snapshot that turns tracing on (memory target: workers without tracing stay small).
+snapshot that turns tracing on: in the master before it forks the workers (:func:`preload`,
+so they share the pages), else in the worker. Without tracing no process loads it.
 """
 
 from __future__ import annotations
@@ -41,14 +47,16 @@ import logging
 import threading
 
 from dispa.observability.exchange import SINK_FACTORIES
+from dispa.observability.tracing_gate import LogGate
 from dispa.observability.tracing_context import (
     CTX_KEY, Sampler, TraceContext, extract, new_high64, new_low64, new_span_id,
 )
 
 log = logging.getLogger("dispa.observability.tracing")
 
-__all__ = ["TracingSink", "tracing_sink", "sampler_for", "known_method"]
+__all__ = ["TracingSink", "tracing_sink", "sampler_for", "known_method", "preload"]
 
+FILTER_TYPE = "dispa.plugins.builtin.tracing:Tracing"  # config/compile.py _tracing_filters
 _KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
                             "TRACE", "PATCH", "QUERY"))
 
@@ -113,6 +121,11 @@ class TracingSink:
         self.b3 = "b3" in props or "b3multi" in props
         self.errors = bool(part.get("always_sample_errors", True))
         self.slow = float(part.get("slow_threshold") or 0.0)
+        # The exchanges this sink can use (observability/tracing_gate.py): with the request
+        # filter deciding the head, only traced requests and the tail rules' candidates;
+        # without it, the head decision is made here, for every exchange.
+        self.log_gate = (LogGate(self.errors, self.slow, CTX_KEY) if self.filtered
+                         else None)
         self.redactor = build_redactor(redaction)
         self.resource = tx.make_resource(part, ctx.worker_id)
         batch = part.get("batch") or {}
@@ -301,6 +314,27 @@ class TracingSink:
         """Dropped by a new snapshot: export what is queued and stop, off the loop."""
         threading.Thread(target=self.batcher.close, daemon=True,
                          name="dispa-span-close").start()
+
+
+def preload(snapshot) -> None:
+    """In the master, before it forks workers (fork mode): import the SDK and the configured
+    exporter when ``snapshot`` turns tracing on, so every worker shares those pages instead
+    of importing its own copy (docs/tracing.md#memory). Never raises: a worker that fails
+    to import reports it itself."""
+    part = (getattr(snapshot, "observability", None) or {}).get("tracing")
+    if not part:
+        return
+    try:
+        from dispa.observability import tracing_export
+        tracing_export.preload(part)
+        # the request filter makes the worker load the filter registry (every installed
+        # filter's module) too
+        from dispa.plugins import registry
+        for spec in getattr(getattr(snapshot, "pipeline", None), "plugins", ()):
+            if spec.type == FILTER_TYPE:
+                registry.get(spec.type)
+    except Exception as exc:  # noqa: BLE001 - the workers report the real error
+        log.warning("tracing: preloading the exporter failed: %s", exc)
 
 
 def tracing_sink(snapshot, ctx, previous):

@@ -211,19 +211,39 @@ def extract(raw_headers, *, w3c: bool = True, b3: bool = False) -> Parent | None
     return None
 
 
+def _set(headers, name: bytes, value: bytes) -> None:
+    """``Headers.set`` without its per-character validation: the names are constants here
+    and the values hex digits and dashes (that check was most of inject's cost)."""
+    low = name.lower()
+    n = len(low)
+    out, placed = [], False
+    for kv in headers.raw:
+        k = kv[0]
+        if len(k) == n and k.lower() == low:
+            if not placed:  # where the client's was, like Headers.set
+                out.append((name, value))
+                placed = True
+        else:
+            out.append(kv)
+    if not placed:
+        out.append((name, value))
+    headers.raw = out
+    headers.changed = True
+
+
 def inject(headers, tc: TraceContext, *, w3c: bool, b3: bool, b3multi: bool) -> None:
     """Write ``tc`` into the upstream request's ``headers`` (a filter-API Headers): the
     parent the upstream sees is Dispa's CLIENT span. ``tracestate``/``baggage`` stay."""
     if w3c:
-        headers.set(b"traceparent", format_traceparent(tc.trace_id, tc.client_id, tc.sampled))
+        _set(headers, b"traceparent", format_traceparent(tc.trace_id, tc.client_id, tc.sampled))
     if b3:
-        headers.set(b"b3", b"%032x-%016x-%s-%016x" % (
+        _set(headers, b"b3", b"%032x-%016x-%s-%016x" % (
             tc.trace_id, tc.client_id, b"1" if tc.sampled else b"0", tc.server_id))
     if b3multi:
-        headers.set(b"X-B3-TraceId", b"%032x" % tc.trace_id)
-        headers.set(b"X-B3-SpanId", b"%016x" % tc.client_id)
-        headers.set(b"X-B3-ParentSpanId", b"%016x" % tc.server_id)
-        headers.set(b"X-B3-Sampled", b"1" if tc.sampled else b"0")
+        _set(headers, b"X-B3-TraceId", b"%032x" % tc.trace_id)
+        _set(headers, b"X-B3-SpanId", b"%016x" % tc.client_id)
+        _set(headers, b"X-B3-ParentSpanId", b"%016x" % tc.server_id)
+        _set(headers, b"X-B3-Sampled", b"1" if tc.sampled else b"0")
         headers.remove(b"X-B3-Flags")
 
 

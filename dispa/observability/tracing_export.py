@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-Imported only by a worker whose snapshot turns tracing on (observability/tracing.py
-imports it lazily): it is the one module that loads opentelemetry-sdk and an exporter.
+Imported by a worker whose snapshot turns tracing on (observability/tracing.py imports it
+lazily), and by the master before it forks workers for such a snapshot (:func:`preload`, so
+the forked workers share its pages): it is the one module that loads opentelemetry-sdk and
+an exporter.
 
 :class:`SpanBatcher` is Dispa's own batcher, the SDK BatchSpanProcessor's algorithm
 without its per-drop warning log line: the event loop appends finished spans to a bounded
@@ -22,6 +24,7 @@ takes.
 from __future__ import annotations
 
 import collections
+import http.client
 import logging
 import threading
 import time
@@ -31,6 +34,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from dispa.observability.tracing_otlp import encode_spans
 
 log = logging.getLogger("dispa.observability.tracing")
 
@@ -85,11 +90,7 @@ def make_exporter(part: dict):
     timeout = float(part.get("timeout") or 10.0)
     gzip = part.get("compression") == "gzip"
     if kind == "otlp_http":
-        from opentelemetry.exporter.otlp.proto.http import Compression
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        return OTLPSpanExporter(endpoint=endpoint, headers=headers, timeout=timeout,
-                                compression=Compression.Gzip if gzip
-                                else Compression.NoCompression)
+        return OtlpHttpExporter(endpoint, headers, timeout, gzip)
     if kind == "otlp_grpc":
         from grpc import Compression as GrpcCompression
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -103,6 +104,112 @@ def make_exporter(part: dict):
         return _ZipkinWithHeaders(ZipkinExporter(endpoint=endpoint, timeout=int(timeout) or 1),
                                   headers)
     raise ValueError(f"unknown exporter {kind!r}")
+
+
+class OtlpHttpExporter:
+    """OTLP/HTTP with protobuf bodies (the SDK exporter's wire format, written by
+    tracing_otlp.encode_spans: ``POST`` to the endpoint, ``Content-Type:
+    application/x-protobuf``) over the standard library's http.client. The SDK's own
+    exporter sends through ``requests``, which adds about 6 MB to every process for one
+    POST per batch (docs/tracing.md#memory), and encodes three times slower.
+
+    Retries, like the SDK's: a connection failure or a 429/502/503/504 answer is retried
+    with a doubling delay (from 1 s) while it fits within ``timeout``; any other answer
+    fails the batch at once. One kept-alive connection, used only by the export thread (or
+    the shutdown flush, after that thread stopped)."""
+
+    RETRYABLE = frozenset((429, 502, 503, 504))
+
+    def __init__(self, endpoint: str, headers: dict, timeout: float, gzip: bool):
+        import urllib.parse
+        u = urllib.parse.urlsplit(endpoint)
+        self.https = u.scheme == "https"
+        self.host = u.hostname or "localhost"
+        self.port = u.port or (443 if self.https else 80)
+        self.path = (u.path or "/v1/traces") + (f"?{u.query}" if u.query else "")
+        self.timeout = timeout
+        self.gzip = gzip
+        self.headers = {"Content-Type": "application/x-protobuf", **headers}
+        if gzip:
+            self.headers["Content-Encoding"] = "gzip"
+        self._conn = None
+        self._shutdown = threading.Event()
+
+    def _connection(self):
+        if self._conn is None:
+            if self.https:
+                import ssl
+                self._conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout,
+                    context=ssl.create_default_context())
+            else:
+                self._conn = http.client.HTTPConnection(self.host, self.port,
+                                                        timeout=self.timeout)
+        return self._conn
+
+    def _post(self, body: bytes) -> int | None:
+        """The response status, or None when the connection failed."""
+        conn = self._connection()
+        try:
+            conn.request("POST", self.path, body=body, headers=self.headers)
+            resp = conn.getresponse()
+            resp.read()
+            if resp.will_close:
+                self._close_conn()
+            return resp.status
+        except (OSError, http.client.HTTPException) as exc:
+            log.debug("span export to %s:%s failed: %s", self.host, self.port, exc)
+            self._close_conn()
+            return None
+
+    def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def export(self, spans) -> SpanExportResult:
+        if self._shutdown.is_set():
+            return SpanExportResult.FAILURE
+        body = encode_spans(spans)
+        if self.gzip:
+            import gzip
+            body = gzip.compress(body)
+        deadline = time.monotonic() + self.timeout
+        delay = 1.0
+        while True:
+            status = self._post(body)
+            if status is not None and 200 <= status < 300:
+                return SpanExportResult.SUCCESS
+            if status is not None and status not in self.RETRYABLE:
+                log.warning("span export to %s:%s: HTTP %s", self.host, self.port, status)
+                return SpanExportResult.FAILURE
+            if time.monotonic() + delay > deadline or self._shutdown.wait(delay):
+                return SpanExportResult.FAILURE
+            delay *= 2
+
+    def shutdown(self) -> None:
+        self._shutdown.set()
+        self._close_conn()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True  # nothing is buffered here
+
+
+def preload(part: dict) -> None:
+    """Import what :func:`make_exporter` and :func:`make_resource` will import for ``part``,
+    without building anything (no session, channel or thread): the master calls this before
+    forking workers so the pages are shared (dispa/server/master.py). Only the configured
+    exporter's modules: OTLP/HTTP loads neither ``requests`` nor ``grpc``."""
+    import importlib
+    kind = part.get("exporter")
+    modules = {
+        "otlp_http": ("http.client",),
+        "otlp_grpc": ("opentelemetry.exporter.otlp.proto.grpc.trace_exporter",),
+        "zipkin": ("opentelemetry.exporter.zipkin.json", "requests"),
+    }.get(kind, ())
+    for name in modules:
+        importlib.import_module(name)
+    make_resource(part, 0)  # the SDK's resource detection imports on first use
 
 
 class _ZipkinWithHeaders:

@@ -129,6 +129,13 @@ class Pipeline:
                              and self.global_run is not None and not g.on_request_body
                              and not g.on_upstream_request and not g.on_response
                              and not g.on_response_body and not g.on_log)
+        # The tracing filter alone: the Session checks its gate (header names, ratio draw)
+        # itself and calls start() only for requests it passes (observability/tracing_gate.py).
+        self.trace_gate = None
+        if self.request_only and len(self.filters) == 1:
+            flt, p = next(iter(self.filters.values()))
+            if p.is_global and g.names == (p.name,):
+                self.trace_gate = getattr(flt, "trace_gate", None)
         self._rnd = random.random
         self.mirrors = state.mirrors
         self.metrics = state.metrics

@@ -28,6 +28,7 @@ from dispa.config.snapshot import ClusterSpec, Snapshot
 from dispa.proxy.forwarding import FORWARDING_HEADERS, TrustedProxies
 from dispa.plugins.chain import StatsRegistry
 from dispa.observability.exchange import Observers, SinkContext
+from dispa.observability.tracing_gate import log_gate_of
 from dispa.proxy.mirror import Mirrors
 from dispa.proxy.pipeline import Pipeline
 from dispa.proxy.protocol import Pool
@@ -395,6 +396,9 @@ class Runtime:
         # Last, once nothing else can fail: the log-phase sinks for this snapshot. None
         # when none is configured; the Session then builds no Exchange record at all.
         self.log_exchange = state.observers.configure(snapshot)
+        # which exchanges the sinks can use, when they all say (tracing alone); None: all
+        self.log_gate = (log_gate_of(state.observers.sinks)
+                         if self.log_exchange is not None else None)
         if state.metrics is not None:
             obs = snapshot.observability or {}
             state.metrics.configure_buckets(obs.get("histogram_buckets") or {})

@@ -316,8 +316,11 @@ class Session(asyncio.Protocol):
 
         self.keep_alive = head.keep_alive and not self.close_after
         self.cluster = rt.default_cluster
-        if pipeline is not None:
-            # routing rules and filters (phases 3-6): the pipeline decides, maybe later
+        gate = pipeline.trace_gate if pipeline is not None else None
+        if pipeline is not None and (gate is None or not intercepted or gate.wants(head.headers)):
+            # routing rules and filters (phases 3-6): the pipeline decides, maybe later.
+            # (Tracing alone: the requests its gate passes, observability/tracing_gate.py,
+            # and hosts outside the interception, which the pipeline rejects.)
             plan = pipeline.start(self, head, host, target, intercepted, self.peer_ip, self.rid)
             if plan is not None:
                 self.plan = plan
@@ -1052,7 +1055,19 @@ class Session(asyncio.Protocol):
         rt = self.rt if self.rt is not None else self.server.runtime
         sink = rt.log_exchange
         if sink is not None:
-            sink(self._exchange(status))
+            gate = getattr(rt, "log_gate", None)
+            if gate is None or self._log_wanted(gate, status):
+                sink(self._exchange(status))
+
+    def _log_wanted(self, gate, status: int) -> bool:
+        """Whether a sink can use this exchange (observability/tracing_gate.py LogGate)."""
+        if gate.errors and status >= 500:
+            return True
+        if gate.slow and time.monotonic() - self.t0 >= gate.slow:
+            return True
+        plan = self.plan
+        return (gate.ctx_key is not None and plan is not None
+                and plan.req.ctx.get(gate.ctx_key) is not None)
 
     def _exchange(self, status: int):
         """The log-phase record (observability/exchange.py) of this exchange."""

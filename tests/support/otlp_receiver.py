@@ -107,9 +107,11 @@ class TraceReceiver:
         self.grpc_port = grpc_port
         self.spans: list[Span] = []
         self.requests = {"otlp_http": 0, "otlp_grpc": 0, "zipkin": 0}
-        self.count_only = False  # perf mode: count spans, keep none
+        self.count_only = False  # perf mode: count spans (OTLP/HTTP: without decoding
+        # them into Span objects, which would load the perf harness's load CPU), keep none
         self.span_count = 0
         self.fail_status: int | None = None  # HTTP: answer every export with this status
+        self.refused = 0  # HTTP exports answered with fail_status
         self._cond = threading.Condition()
         self._http: ThreadingHTTPServer | None = None
         self._grpc = None
@@ -134,11 +136,17 @@ class TraceReceiver:
                     body = zlib.decompress(body)
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 if receiver.fail_status:
+                    with receiver._cond:
+                        receiver.refused += 1
                     return self._answer(receiver.fail_status, b"", "text/plain")
                 if self.path == "/v1/traces":
                     msg = trace_service_pb2.ExportTraceServiceRequest()
                     msg.ParseFromString(body)
-                    receiver._add(spans_from_otlp(msg, "otlp_http", headers), "otlp_http")
+                    if receiver.count_only:  # perf mode: count, skip the Span objects
+                        receiver._count(sum(len(ss.spans) for rs in msg.resource_spans
+                                            for ss in rs.scope_spans), "otlp_http")
+                    else:
+                        receiver._add(spans_from_otlp(msg, "otlp_http", headers), "otlp_http")
                     out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                     return self._answer(200, out, "application/x-protobuf")
                 if self.path == "/api/v2/spans":
@@ -196,6 +204,12 @@ class TraceReceiver:
             self.span_count += len(spans)
             if not self.count_only:
                 self.spans.extend(spans)
+            self._cond.notify_all()
+
+    def _count(self, n: int, protocol: str) -> None:
+        with self._cond:
+            self.requests[protocol] += 1
+            self.span_count += n
             self._cond.notify_all()
 
     def wait_spans(self, pred=lambda spans: bool(spans), timeout: float = 20.0,

@@ -10,12 +10,17 @@ injects the propagation headers the upstream sees (``traceparent`` with Dispa's 
 span as parent; ``tracestate`` and ``baggage`` are forwarded unchanged). An unsampled
 request without a parent costs one header scan and one random draw, and leaves the request
 untouched, so the pipeline keeps it on its fast path (no Plan object).
+
+When this filter is the pipeline's only reason to exist, the Session does that check itself
+without calling the pipeline (``trace_gate``, observability/tracing_gate.py) and passes the
+sampled draw on; this hook then uses the draw as the trace id's low half.
 """
 
 from __future__ import annotations
 
 from dispa.config.tracing_model import TracingConfig
 from dispa.observability.tracing import sampler_for
+from dispa.observability.tracing_gate import TraceGate
 from dispa.observability.tracing_context import (
     CTX_KEY, TraceContext, extract, inject, new_high64, new_low64, new_span_id,
 )
@@ -39,6 +44,12 @@ class Tracing(Filter):
         self._b3 = self._b3_single or self._b3_multi
         import msgspec
         self._sampler = sampler_for(msgspec.to_builtins(config))
+        # the request gate (Pipeline.trace_gate): the header names extract() reads, and the
+        # ratio bound; none at ratio 1 (every request would pass it)
+        names = ((b"traceparent",) if self._w3c else ()) + (
+            (b"b3", b"x-b3-traceid") if self._b3 else ())
+        bound = self._sampler.bound
+        self.trace_gate = TraceGate(bound, names) if bound < (1 << 64) else None
 
     def on_request(self, req: Request) -> None:
         # First in the chain, so the parser's header list is still the request's: reading it
@@ -48,8 +59,11 @@ class Tracing(Filter):
         parent = extract(lazy[0].headers if lazy is not None and not req._lz & 2
                          else req.headers.raw, w3c=self._w3c, b3=self._b3)
         sampler = self._sampler
+        gate = self.trace_gate
+        low = gate.take() if gate is not None else -1  # the Session's draw, if it made one
         if parent is None:
-            low = new_low64()
+            if low < 0:
+                low = new_low64()
             if not sampler.root(low):
                 return None  # the common case at low ratios: nothing else to do
             tc = TraceContext((new_high64() << 64) | low, 0, new_span_id(), new_span_id(), True)

@@ -75,6 +75,20 @@ def test_inject_names_the_client_span_as_parent_and_keeps_tracestate():
     assert len(h.get_all("traceparent")) == 1
 
 
+def test_inject_replaces_in_place_like_headers_set():
+    raw = [(b"Host", b"h"), (b"TraceParent", TP), (b"Accept", b"*/*"), (b"traceparent", TP)]
+    tc = TraceContext(0x0af7651916cd43dd8448eb211c80319c, 0xb7ad6b7169203331, 0x1111, 0x2222,
+                      False)
+    ours, reference = Headers._shared(raw), Headers._shared(raw)
+    inject(ours, tc, w3c=True, b3=False, b3multi=False)
+    reference.set(b"traceparent", b"00-0af7651916cd43dd8448eb211c80319c-0000000000002222-00")
+    assert ours.raw == reference.raw and ours.changed
+    assert raw[1] == (b"TraceParent", TP)  # the parser's list is never modified
+    fresh = Headers([(b"Host", b"h")])
+    inject(fresh, tc, w3c=True, b3=True, b3multi=False)
+    assert [k for k, _ in fresh.raw] == [b"Host", b"traceparent", b"b3"]
+
+
 def test_ratio_decides_on_the_low_64_bits_of_the_trace_id():
     s = Sampler(0.25)
     assert s.root(0) and s.root((1 << 62) - 1)

@@ -74,14 +74,14 @@ def test_no_collector_fails_and_shutdown_stops_the_retries():
     assert exp.export(spans()) == SpanExportResult.FAILURE  # shut down: not even tried
 
 
-def test_otlp_http_and_its_preload_never_import_requests_or_grpc():
+def test_otlp_http_and_its_preload_import_neither_requests_nor_protobuf_nor_grpc():
     code = (
         "import sys\n"
         "from dispa.observability import tracing_export as tx\n"
         "part = {'exporter': 'otlp_http', 'endpoint': 'http://127.0.0.1:9/v1/traces'}\n"
         "tx.preload(part)\n"
         "tx.make_exporter(part)\n"
-        "print(sorted(m for m in ('requests', 'grpc', 'urllib3') if m in sys.modules))\n")
+        "print(sorted(m for m in ('requests', 'grpc', 'urllib3', 'google.protobuf') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
