@@ -39,6 +39,11 @@ class ClientAuthConfig(_Table):
     ca_file: str = ""  # PEM bundle of the CAs client certificates must chain to
     crl_file: str = ""  # PEM CRLs; when set, the leaf certificate is checked against them
     verify_depth: Annotated[int, Meta(ge=1, le=16)] = 4
+    # OCSP check of the client's leaf after the handshake (tls/client_ocsp.py): "soft"
+    # refuses revoked certificates only, "hard" accepts only a "good" answer
+    client_ocsp: Literal["off", "soft", "hard"] = "off"
+    client_ocsp_url: str = ""  # http:// responder used instead of the certificate's AIA
+    client_ocsp_timeout: Annotated[float, Meta(gt=0, le=60, description="seconds")] = 3.0
 
 
 class SniConfig(_Table):
@@ -86,6 +91,8 @@ class TlsConfig(_Table):
     # <cert_file>.ocsp file next to a certificate is stapled whatever this says.
     ocsp_stapling: bool = False
     client_auth: ClientAuthConfig = ClientAuthConfig()
+    # client_ocsp answers kept per worker (each until the response's next_update)
+    client_ocsp_cache_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
     # Upstream header carrying the verified client certificate's fingerprint, subject and
     # SANs; always removed from what a client sent (on every listener). "" turns it off.
     client_cert_header: str = "x-client-cert"
@@ -186,6 +193,7 @@ def check_tls(tls: TlsConfig, issue, http_address) -> None:
     for path, auth in auths:
         if auth.mode != "off" and not auth.ca_file:
             issue(f"client_auth mode {auth.mode!r} needs ca_file", path + ("ca_file",))
+        _check_client_ocsp(auth, path, issue)
         for key, what in (("ca_file", "CA certificate"), ("crl_file", "CRL")):
             value = getattr(auth, key)
             if value:
@@ -196,6 +204,17 @@ def check_tls(tls: TlsConfig, issue, http_address) -> None:
         issue(f"{tls.client_cert_header!r} is not a valid header name",
               where + ("client_cert_header",))
     check_upstream(tls.upstream, where + ("upstream",), issue)
+
+
+def _check_client_ocsp(auth: ClientAuthConfig, path: tuple, issue) -> None:
+    if auth.client_ocsp != "off" and auth.mode == "off":
+        issue(f"client_ocsp {auth.client_ocsp!r} checks client certificates: it needs "
+              "client_auth mode \"optional\" or \"required\"", path + ("client_ocsp",))
+    if auth.client_ocsp_url:
+        from dispa.tls.client_ocsp import parse_http_url
+        parsed = parse_http_url(auth.client_ocsp_url)
+        if isinstance(parsed, str):
+            issue(parsed, path + ("client_ocsp_url",))
 
 
 def check_upstream(up: UpstreamTlsConfig, where: tuple, issue) -> None:
@@ -271,8 +290,12 @@ def compile_tls(tls: TlsConfig, https_endpoints: list[str],
     from dispa.config.load import normalize_hostname
 
     def auth(a: ClientAuthConfig) -> dict:
-        return {"mode": a.mode, "ca_file": a.ca_file, "crl_file": a.crl_file,
-                "verify_depth": a.verify_depth}
+        out = {"mode": a.mode, "ca_file": a.ca_file, "crl_file": a.crl_file,
+               "verify_depth": a.verify_depth}
+        if a.client_ocsp != "off":  # absent when off: contexts and snapshots unchanged
+            out.update(client_ocsp=a.client_ocsp, client_ocsp_url=a.client_ocsp_url,
+                       client_ocsp_timeout=float(a.client_ocsp_timeout))
+        return out
 
     out: dict = {
         "enabled": tls.enabled,
@@ -281,6 +304,7 @@ def compile_tls(tls: TlsConfig, https_endpoints: list[str],
             "ciphers": tls.ciphers, "curves": list(tls.curves),
             "alpn": list(tls.alpn), "handshake_timeout": float(tls.handshake_timeout),
             "session_tickets": tls.session_tickets, "strict_sni": tls.strict_sni,
+            "client_ocsp_cache_size": tls.client_ocsp_cache_size,
             "default_certificate": (normalize_hostname(tls.default_certificate) or "")
             if tls.default_certificate else "",
         },

@@ -29,6 +29,7 @@ import ssl
 import sys
 
 from dispa.tls import ocsp, tickets
+from dispa.tls.client_ocsp import ClientOcsp, Policy
 
 log = logging.getLogger("dispa.tls")
 
@@ -304,6 +305,8 @@ class TlsServer:
         self.strict = False
         self.handshake_timeout = 10.0
         self.client_cert_header = b""
+        # client_ocsp: answers cached across snapshots (tls/client_ocsp.py)
+        self.client_ocsp = ClientOcsp(metrics)
         self._key = None
         self._acme_key = None
         self._contexts: list[ssl.SSLContext] = []
@@ -370,6 +373,7 @@ class TlsServer:
             if e is None:
                 ctx = build_context(dict(settings, ciphers=ciphers), cert, auth, ticket_keys)
                 _staple(ctx, cert)
+                ctx.dispa_client_ocsp = Policy.from_auth(auth)
                 contexts.append(ctx)
                 e = built[k] = _Entry(ctx, auth)
             return e
@@ -404,6 +408,7 @@ class TlsServer:
                 exact[name] = e
         base = build_context(settings, default, listener_auth, ticket_keys)
         _staple(base, default)
+        base.dispa_client_ocsp = Policy.from_auth(listener_auth)
         base.sni_callback = self._sni
         contexts.append(base)
         base_verify = _Entry(base, listener_auth).verify
@@ -432,6 +437,7 @@ class TlsServer:
         self.base_verify = base_verify
         self.strict = bool(settings.get("strict_sni"))
         self.handshake_timeout = float(settings.get("handshake_timeout", 10.0))
+        self.client_ocsp.cache_size = int(settings.get("client_ocsp_cache_size", 4096))
         self.client_cert_header = (tls.get("client_cert_header") or "").encode("latin-1")
         self.base = base
 

@@ -17,7 +17,10 @@ After the handshake a Session (compiled or pure) takes over the TLS transport wi
 ``tls`` field set (scheme https, client certificate); bytes that arrived between the end of
 the handshake and that moment are replayed to it in order. ``_attach`` is also where the
 negotiated ALPN protocol picks the connection's handler (``h2``: H2Session, else the
-HTTP/1 Session): the one hook for a new ALPN protocol.
+HTTP/1 Session): the one hook for a new ALPN protocol. With ``client_ocsp`` on the context
+the connection ended on, ``_attach`` first gets the client leaf's OCSP status (cached, or
+asked while this connection's reading is paused) and closes a refused connection
+(tls/client_ocsp.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import logging
 import ssl
 import time
 
+from dispa.tls.client_ocsp import CHECKS as OCSP_CHECKS
 from dispa.tls.mtls import session_info
 
 log = logging.getLogger("dispa.tls")
@@ -215,6 +219,53 @@ class TlsAccept(asyncio.Protocol):
             self._failed("client_cert_unreadable")
             app_transport.abort()
             return
+        policy = getattr(ssl_object.context, "dispa_client_ocsp", None)
+        der = ssl_object.getpeercert(binary_form=True) if policy is not None else None
+        if der:
+            # client_ocsp (tls/client_ocsp.py): the Session starts once the leaf's status
+            # is known; a cached answer decides now, otherwise this connection waits
+            # (reading paused, bytes kept in the hold) while the others proceed.
+            checker = plane.tls.client_ocsp
+            result = checker.cached(der)
+            if result is None:
+                app_transport.pause_reading()
+                checker.query(der, policy).add_done_callback(
+                    lambda task: self._ocsp_done(task, policy, session, app_transport))
+                return
+            if not self._ocsp_verdict(result, policy, session, app_transport):
+                return
+        self._start(session, app_transport)
+
+    def _ocsp_done(self, task, policy, session, app_transport) -> None:
+        if task.cancelled():
+            result = _ocsp_unavailable("the check was cancelled")
+        else:
+            result = task.result()
+        if self.hold.lost or app_transport.is_closing():
+            return
+        if self._ocsp_verdict(result, policy, session, app_transport):
+            app_transport.resume_reading()
+            self._start(session, app_transport)
+
+    def _ocsp_verdict(self, result, policy, session, app_transport) -> bool:
+        """Count the answer; close the connection unless the policy accepts it."""
+        metrics = self.plane.metrics
+        metrics.inc(OCSP_CHECKS, (("result", result.status), ("source", result.source)))
+        if policy.accepts(result.status):
+            if result.status != "good":
+                log.debug("client certificate %s: OCSP %s (%s), accepted (soft)",
+                          _subject(session), result.status, result.detail)
+            return True
+        reason = "client_ocsp_revoked" if result.status == "revoked" else \
+            "client_ocsp_unavailable"
+        self._failed(reason)
+        log.info("client certificate %s refused: OCSP %s%s", _subject(session),
+                 result.status, f" ({result.detail})" if result.detail else "")
+        app_transport.abort()
+        return False
+
+    def _start(self, session, app_transport) -> None:
+        hold = self.hold
         session.connection_made(app_transport)
         app_transport.set_protocol(session)
         for chunk in hold.data:
@@ -224,6 +275,16 @@ class TlsAccept(asyncio.Protocol):
 
     def _failed(self, reason: str) -> None:
         self.plane.metrics.inc(HANDSHAKE_ERRORS, (("reason", reason),))
+
+
+def _ocsp_unavailable(detail: str):
+    from dispa.tls.client_ocsp import UNAVAILABLE, Result
+    return Result(UNAVAILABLE, detail, "none")
+
+
+def _subject(session) -> str:
+    cert = (getattr(session, "tls", None) and session.tls.fields.get("client_cert")) or {}
+    return repr(cert.get("subject", "?"))
 
 
 def _feed(proto, data: bytes) -> None:

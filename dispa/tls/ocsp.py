@@ -63,6 +63,27 @@ def check_response(der: bytes, cert_pem: str, issuer_pem: str = "", *,
     """Validate a DER response for the leaf of ``cert_pem``; returns its next_update
     (epoch seconds, 0 when the responder gave none). Raises OcspError."""
     from cryptography import x509
+    from cryptography.x509 import ocsp
+    chain = _chain(cert_pem)
+    issuer = x509.load_pem_x509_certificate(issuer_pem.encode()) if issuer_pem else \
+        (chain[1] if len(chain) > 1 else None)
+    if issuer is None:
+        # without the issuer neither the CertID nor the signature can be checked
+        raise OcspError("the certificate file has no issuer certificate after the leaf: "
+                        "the response cannot be verified")
+    resp = verified_response(der, chain[0], issuer, now=now)
+    if resp.certificate_status != ocsp.OCSPCertStatus.GOOD:
+        raise OcspError(f"certificate status is {resp.certificate_status.name}")
+    nxt = resp.next_update_utc
+    return nxt.timestamp() if nxt is not None else 0.0
+
+
+def verified_response(der: bytes, leaf, issuer, *, now: datetime.datetime | None = None):
+    """The parsed ``OCSPResponse`` for ``leaf`` (a cryptography certificate) issued by
+    ``issuer``, once it is SUCCESSFUL, names this serial and issuer, carries a valid
+    signature (the issuer's or a delegated responder's) and is current; its
+    ``certificate_status`` (GOOD, REVOKED or UNKNOWN) is the caller's business. Shared by
+    stapling and client-certificate checks (tls/client_ocsp.py). Raises OcspError."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509 import ocsp
     try:
@@ -71,30 +92,20 @@ def check_response(der: bytes, cert_pem: str, issuer_pem: str = "", *,
         raise OcspError(f"not an OCSP response: {exc}") from None
     if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         raise OcspError(f"responder said {resp.response_status.name}")
-    chain = _chain(cert_pem)
-    leaf = chain[0]
     if resp.serial_number != leaf.serial_number:
         raise OcspError("the response is for another certificate")
-    issuer = x509.load_pem_x509_certificate(issuer_pem.encode()) if issuer_pem else \
-        (chain[1] if len(chain) > 1 else None)
-    if issuer is None:
-        # without the issuer neither the CertID nor the signature can be checked
-        raise OcspError("the certificate file has no issuer certificate after the leaf: "
-                        "the response cannot be verified")
     want = hashes.Hash(resp.hash_algorithm)
     want.update(_spki_bits(issuer))
     if resp.issuer_key_hash != want.finalize():
         raise OcspError("the response names another issuer")
     now = now or datetime.datetime.now(datetime.timezone.utc)
     _verify_signature(resp, issuer, now)
-    if resp.certificate_status != ocsp.OCSPCertStatus.GOOD:
-        raise OcspError(f"certificate status is {resp.certificate_status.name}")
     if resp.this_update_utc > now + _SKEW:
         raise OcspError(f"the response is not valid before {resp.this_update_utc.isoformat()}")
     nxt = resp.next_update_utc
     if nxt is not None and nxt <= now:
         raise OcspError(f"the response expired at {nxt.isoformat()}")
-    return nxt.timestamp() if nxt is not None else 0.0
+    return resp
 
 
 _SKEW = datetime.timedelta(minutes=5)  # clock difference tolerated on this_update
