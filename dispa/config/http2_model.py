@@ -39,6 +39,7 @@ class Http2Config(_Table):
     stream_buffer_bytes: Annotated[int, Meta(ge=16384)] = 256 * 1024
     idle_timeout: Annotated[float, Meta(ge=0, le=7 * 24 * 3600)] = 0.0
     server_push: bool = False
+    websocket: bool = True  # RFC 8441 extended CONNECT (docs/websocket.md)
 
 
 def compile_http2(cfg: Http2Config) -> dict | None:

@@ -19,6 +19,10 @@ Each request stream becomes one of two kinds of stream object:
 - ``UpstreamH2Stream`` (:mod:`dispa.proxy.grpc`) for target groups with
   ``protocol = "h2c" | "h2"``: the stream is forwarded as an HTTP/2 stream over a
   multiplexed upstream connection (:mod:`dispa.proxy.h2_pool`), keeping trailers (gRPC).
+- ``WebSocketStream`` (:mod:`dispa.proxy.h2_websocket`) for RFC 8441 extended CONNECT
+  (``:protocol websocket``, advertised with SETTINGS_ENABLE_CONNECT_PROTOCOL when
+  ``[http2] websocket``): a BridgeStream whose Session performs the HTTP/1.1 WebSocket
+  upgrade, after which the stream carries the WebSocket tunnel.
 
 Backpressure, end to end:
 
@@ -76,7 +80,7 @@ class StreamBase:
 
     __slots__ = ("h2s", "sid", "out", "out_bytes", "end_pending", "trailers", "urgency",
                  "incremental", "unacked", "in_paused", "producer_paused", "done",
-                 "headers_sent", "reset_sent", "early", "fin_sent", "authority")
+                 "headers_sent", "reset_sent", "early", "fin_sent", "authority", "buffer_high")
 
     def __init__(self, h2s: "H2Session", sid: int):
         self.h2s = h2s
@@ -96,6 +100,8 @@ class StreamBase:
         self.early = False  # response done before the request: RST_STREAM(NO_ERROR) after
         self.fin_sent = False  # END_STREAM went out with the last DATA frame
         self.authority = b""
+        # queued response bytes that pause the producer (resumed at half)
+        self.buffer_high = h2s.limits.stream_buffer_bytes
 
     # inbound (client -> proxy); subclasses override
     def on_data(self, data: bytes) -> None:
@@ -433,22 +439,33 @@ class H2Session(asyncio.Protocol):
                 fields.append((n, v))
         method = pseudo.get(b":method", b"")
         path = pseudo.get(b":path", b"")
-        if method == b"CONNECT" or not path or (path[:1] != b"/" and path != b"*") \
-                or b" " in path or b" " in method \
-                or b" " in pseudo.get(b":authority", b""):
-            self._reset_id(sid, ErrorCodes.PROTOCOL_ERROR)
-            return
         for n, v in fields:
             # HTTP/1.1 bytes are built from these: never let CR/LF/NUL through (§8.2.1)
             if b"\r" in v or b"\n" in v or b"\x00" in v:
                 self._reset_id(sid, ErrorCodes.PROTOCOL_ERROR)
                 return
-        self.server.metrics.inc(STREAMS_METRIC)
-        st = None
-        if self._handoff is not None:
-            st = self._handoff(self, sid, pseudo, fields, ended)
-        if st is None:
-            st = self._bridge(sid, pseudo, fields, ended, method, path)
+        if method == b"CONNECT":
+            # RFC 8441 extended CONNECT (:protocol websocket) when advertised; a plain
+            # CONNECT, or :protocol without our SETTINGS_ENABLE_CONNECT_PROTOCOL (§3), is
+            # malformed here
+            if b":protocol" not in pseudo or not self.limits.websocket:
+                self._reset_id(sid, ErrorCodes.PROTOCOL_ERROR)
+                return
+            from dispa.proxy.h2_websocket import open_websocket_stream
+            self.server.metrics.inc(STREAMS_METRIC)
+            st = open_websocket_stream(self, sid, pseudo, fields, ended)
+        elif not path or (path[:1] != b"/" and path != b"*") \
+                or b" " in path or b" " in method \
+                or b" " in pseudo.get(b":authority", b""):
+            self._reset_id(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
+        else:
+            self.server.metrics.inc(STREAMS_METRIC)
+            st = None
+            if self._handoff is not None:
+                st = self._handoff(self, sid, pseudo, fields, ended)
+            if st is None:
+                st = self._bridge(sid, pseudo, fields, ended, method, path)
         if st is None:
             return
         prio = None
@@ -577,7 +594,7 @@ class H2Session(asyncio.Protocol):
         st.out.append(data)
         st.out_bytes += len(data)
         self.sending[st.sid] = st
-        if st.out_bytes > self.limits.stream_buffer_bytes and not st.producer_paused:
+        if st.out_bytes > st.buffer_high and not st.producer_paused:
             st.pause_producer()
         self._schedule()
 
@@ -605,6 +622,21 @@ class H2Session(asyncio.Protocol):
             st.early = True
         elif not st.reset_sent:
             self._reset_id(st.sid, ErrorCodes.NO_ERROR)
+
+    def refuse(self, sid: int, status: int, ended: bool, headers=()) -> None:
+        """Answer a stream with a bodiless ``status`` (no stream object needed); a client
+        still sending is stopped with RST_STREAM NO_ERROR (RFC 9113 §8.1)."""
+        if self.closed:
+            return
+        try:
+            self.core.conn.send_headers(
+                sid, [(b":status", _STATUS[status]), (b"content-length", b"0"), *headers],
+                end_stream=True)
+        except h2.exceptions.ProtocolError:
+            return
+        if not ended:
+            self._reset_id(sid, ErrorCodes.NO_ERROR)
+        self._schedule()
 
     def _reset_id(self, sid: int, code) -> None:
         if self.closed:
@@ -663,7 +695,6 @@ class H2Session(asyncio.Protocol):
         conn = self.core.conn
         order = sorted(self.sending.values(), key=_prio_key)
         max_frame = conn.max_outbound_frame_size
-        low = self.limits.stream_buffer_bytes // 2
         progress = True
         sent = 0
         while progress and order and sent < _WRITE_HIGH:
@@ -698,7 +729,7 @@ class H2Session(asyncio.Protocol):
                     progress = True
                     if st.incremental:
                         break  # one frame, then the next stream of this urgency
-                if st.producer_paused and st.out_bytes <= low:
+                if st.producer_paused and st.out_bytes <= st.buffer_high >> 1:
                     st.resume_producer()
                 if not out:
                     if st.end_pending:

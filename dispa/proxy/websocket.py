@@ -30,7 +30,10 @@ Rules:
    any byte from that side within ``ping_timeout`` counts as alive. Pongs answering the
    proxy's own pings (payload prefix ``dispa-ping:``) are dropped, not forwarded.
 
-RFC 8441 (WebSocket over HTTP/2 extended CONNECT) hook: :meth:`WebSocketProxy.tunnel`
+RFC 8441 (WebSocket over HTTP/2 extended CONNECT): the h2 stream
+(:class:`dispa.proxy.h2_websocket.WebSocketStream`) is the bridged Session's transport, so
+the Session's ``take_over`` call is the same; the stream's ``tunnel_via = "h2"`` labels
+``dispa_websocket_tunnels_total``. :meth:`WebSocketProxy.tunnel`
 runs the same tunnel over any two transport-like objects (``write``, ``close``, ``abort``,
 ``pause_reading``, ``resume_reading``, optional ``is_closing``); the caller feeds the
 returned tunnel's ``downstream`` and ``upstream`` sides the asyncio protocol events of its
@@ -63,6 +66,9 @@ FRAMES = "dispa_websocket_frames_total"
 MESSAGES = "dispa_websocket_messages_total"
 CONNECTIONS = "dispa_websocket_connections"
 CLOSED = "dispa_websocket_closed_total"
+OPENED = "dispa_websocket_tunnels_total"
+#: ``via`` label of OPENED: how the client reached us (a fixed set)
+VIA = ("http1", "h2")
 
 # direction label: where the frames went
 TO_UPSTREAM = "to_upstream"
@@ -102,11 +108,14 @@ class WebSocketProxy:
         self.retired_frames = [0, 0]
         self.retired_messages = [0, 0]
         self.closed: dict[str, int] = {}  # why -> count
+        self.opened = dict.fromkeys(VIA, 0)  # via -> tunnels started
         if metrics is not None:
             metrics.set_help(FRAMES, "counter", "WebSocket frames proxied, by direction.")
             metrics.set_help(MESSAGES, "counter", "WebSocket messages proxied, by direction.")
             metrics.set_help(CONNECTIONS, "gauge", "Open WebSocket tunnels.")
             metrics.set_help(CLOSED, "counter", "WebSocket tunnels ended, by reason.")
+            metrics.set_help(OPENED, "counter",
+                             "WebSocket tunnels started, by client protocol (http1, h2).")
             metrics.add_collector(self._collect)
             metrics.set_gauge(CONNECTIONS, (), 0)
 
@@ -132,8 +141,10 @@ class WebSocketProxy:
         ``down_rest``/``up_rest``: bytes that arrived after the upgrade, from the client and
         from the upstream (the first frames).
         """
+        # an RFC 8441 stream (proxy/h2_websocket.py) says so; a socket transport does not
+        via = getattr(transport, "tunnel_via", "http1")
         tunnel = self.tunnel(server, transport, conn.transport, cluster=cluster, ep=ep,
-                             up_conn=conn, peer_ip=peer_ip)
+                             up_conn=conn, peer_ip=peer_ip, via=via)
         transport.set_protocol(tunnel.downstream)
         conn.transport.set_protocol(tunnel.upstream)
         # flow control state the Session saw: the transports tell the new protocol only
@@ -156,9 +167,13 @@ class WebSocketProxy:
         return tunnel
 
     def tunnel(self, server, down, up, *, cluster=None, ep: int = -1, up_conn=None,
-               peer_ip: str = "") -> "WebSocketTunnel":
+               peer_ip: str = "", via: str = "http1") -> "WebSocketTunnel":
         """The RFC 8441 hook (module docstring): a tunnel over two transport-like objects.
-        Registers it with ``server.sessions`` for timeouts and graceful shutdown."""
+        Registers it with ``server.sessions`` for timeouts and graceful shutdown; ``via``
+        (one of :data:`VIA`) labels ``dispa_websocket_tunnels_total``."""
+        if via not in self.opened:
+            via = "http1"
+        self.opened[via] += 1
         t = WebSocketTunnel(self, server, self.settings, down, up, cluster=cluster, ep=ep,
                             up_conn=up_conn, peer_ip=peer_ip)
         self.live.add(t)
@@ -189,7 +204,7 @@ class WebSocketProxy:
             messages[0] += t.c2s.messages
             messages[1] += t.s2c.messages
         return {"frames": frames, "messages": messages, "closed": dict(self.closed),
-                "connections": len(self.live)}
+                "connections": len(self.live), "opened": dict(self.opened)}
 
     def _collect(self, counters: dict) -> None:
         tot = self.totals()
@@ -199,6 +214,8 @@ class WebSocketProxy:
             counters[(MESSAGES, lab)] = tot["messages"][i]
         for why, n in tot["closed"].items():
             counters[(CLOSED, (("reason", why),))] = n
+        for via, n in tot["opened"].items():
+            counters[(OPENED, (("via", via),))] = n
 
 
 class Side(asyncio.Protocol):

@@ -69,6 +69,9 @@ class H2Limits:
     max_queued_bytes: int = 4 * 1024 * 1024  # written but unread by the client
     # behaviour
     server_push: bool = False  # push Link: rel=preload hints (browsers dropped push)
+    # RFC 8441: advertise SETTINGS_ENABLE_CONNECT_PROTOCOL and accept WebSocket streams
+    # (extended CONNECT, :protocol websocket; dispa/proxy/h2_websocket.py)
+    websocket: bool = True
     idle_timeout_seconds: float = 0.0  # 0: the proxy keep-alive timeout
     stream_buffer_bytes: int = 256 * 1024  # response bytes held per stream before pausing
 
@@ -120,13 +123,18 @@ class H2Core:
                                         normalize_outbound_headers=False)
         self.conn = h2.connection.H2Connection(config=cfg)
         s = h2.settings.SettingCodes
-        self.conn.local_settings = h2.settings.Settings(client=client_side, initial_values={
+        initial = {
             s.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
             s.INITIAL_WINDOW_SIZE: limits.initial_window_size,
             s.MAX_FRAME_SIZE: limits.max_frame_size,
             s.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
             s.HEADER_TABLE_SIZE: limits.header_table_size,
-        })  # ENABLE_PUSH keeps h2's default: 0 from a server (RFC 9113 §6.5.2), 1 from a client
+        }
+        if limits.websocket and not client_side:
+            initial[s.ENABLE_CONNECT_PROTOCOL] = 1  # RFC 8441 §3: WebSocket over h2
+        # ENABLE_PUSH keeps h2's default: 0 from a server (RFC 9113 §6.5.2), 1 from a client
+        self.conn.local_settings = h2.settings.Settings(client=client_side,
+                                                        initial_values=initial)
         # HPACK: the decoder's dynamic table may not grow past what we advertised, and the
         # decoded header list is capped (HPACK bombs: small input, huge output)
         self.conn.decoder.max_allowed_table_size = limits.header_table_size

@@ -55,3 +55,9 @@ def test_errors_name_file_line_and_field(text, where, line):
     hit = [i for i in issues if i.path == where]
     assert hit, [i.format() for i in issues]
     assert hit[0].file == "dispa.toml" and hit[0].line == line, hit[0].format()
+
+
+def test_websocket_over_h2_on_by_default_and_switchable():
+    assert limits_from(load("[http2]\nenabled = true\n").snapshot.http2).websocket is True
+    off = load("[http2]\nenabled = true\nwebsocket = false\n").snapshot.http2
+    assert limits_from(off).websocket is False

@@ -144,3 +144,24 @@ def test_grpc_helpers():
     assert response_status(b"\x00\x00\x00\x00\x02\x08\x01") == 1
     assert response_status(b"\x00\x00\x00\x00\x02\x08\x02") == 2
     assert response_status(b"\x00\x00\x00\x00\x00") == 0
+
+
+def test_extended_connect_setting_follows_the_websocket_switch():
+    """RFC 8441 §3: SETTINGS_ENABLE_CONNECT_PROTOCOL = 1 only with ``[http2] websocket``;
+    h2 then accepts ``:protocol`` on a CONNECT."""
+    server, client = pair()
+    assert client.remote_settings.enable_connect_protocol == 1
+    client.send_headers(1, [(b":method", b"CONNECT"), (b":protocol", b"websocket"),
+                            (b":scheme", b"https"), (b":authority", b"a.test"),
+                            (b":path", b"/chat")])
+    ev = server.receive(client.data_to_send())[0]
+    assert isinstance(ev, h2.events.RequestReceived)
+    assert (b":protocol", b"websocket") in ev.headers
+    _, client = pair(websocket=False)
+    assert client.remote_settings.enable_connect_protocol == 0
+
+
+def test_websocket_accept_value():
+    from dispa.proxy.h2_websocket import accept_for
+    # RFC 6455 §1.3's example
+    assert accept_for(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
