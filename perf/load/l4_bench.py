@@ -17,9 +17,6 @@ Prints one JSON line per round and a summary with the Dispa/HAProxy ratios (docs
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
 import socket
 import statistics
@@ -28,37 +25,19 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h  # noqa: E402
+import bench_common as bc  # noqa: E402
+from bench_common import h  # noqa: E402
 
-NGINX_ORIGIN = """
-worker_processes {workers};
-daemon off;
-master_process on;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-worker_rlimit_nofile {nofile};
-events {{ worker_connections {worker_connections}; }}
-http {{
-    access_log off;
+ORIGIN_HTTP = """
     default_type application/octet-stream;
-    keepalive_timeout 300s;
-    keepalive_requests 100000000;
     sendfile on;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy_temp;
-    fastcgi_temp_path {prefix}/fastcgi_temp;
-    uwsgi_temp_path {prefix}/uwsgi_temp;
-    scgi_temp_path {prefix}/scgi_temp;
     server {{
         listen 127.0.0.1:{port} reuseport backlog=4096;
         root {prefix}/www;
         location = / {{ return 200 "{body64}"; }}
     }}
-}}
 """
 
 HAPROXY_TCP = """
@@ -109,14 +88,8 @@ def make_origin(tmp: str, layout: h.Layout) -> h.Server:
     for path in (tmp, prefix, os.path.join(prefix, "www")):
         os.chmod(path, 0o755)
     os.chmod(os.path.join(prefix, "www", "1m"), 0o644)
-    port = h.free_port()
-    conf = os.path.join(prefix, "nginx.conf")
-    nf = h.nofile_limit()
-    Path(conf).write_text(NGINX_ORIGIN.format(
-        workers=layout.backend_workers, prefix=prefix, port=port, nofile=nf,
-        worker_connections=nf - 100, body64="x" * 64))
-    return h.Server("origin", h.nginx_cmd(prefix, conf), port, layout.cpuset("load"),
-                    workdir=prefix)
+    return bc.nginx_server(tmp, "origin", layout.backend_workers, layout.cpuset("load"),
+                           ORIGIN_HTTP, body64="x" * 64)
 
 
 def make_haproxy_tcp(tmp: str, layout: h.Layout, workers: int, backend_port: int) -> h.Server:
@@ -134,14 +107,10 @@ def make_haproxy_tcp(tmp: str, layout: h.Layout, workers: int, backend_port: int
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--workers", type=int, default=1)
+    ap = bc.parser(__doc__)
     ap.add_argument("--tput-conns", type=int, default=4)
     ap.add_argument("--conn-conns", type=int, default=32)
     ap.add_argument("--dispa-cmd", default=None, help="as perf/load/run.py --dispa-cmd")
-    ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     h.ensure_tools(["nginx", "wrk", "haproxy"])
     layout = h.cpu_layout(args.workers)
@@ -149,38 +118,31 @@ def main(argv=None) -> int:
     origin = make_origin(tmp, layout)
     servers: dict[str, h.Server] = {}
     try:
-        if not origin.start():
-            raise RuntimeError(f"origin: {origin.error}")
+        bc.start_all({"origin": origin})
         l4_port = h.free_port()
         dispa = h.make_dispa(tmp, layout, args.workers, origin.port, args.dispa_cmd,
                              extra=DISPA_L4.format(port=l4_port))
         dispa.l4_port = l4_port
         haproxy = make_haproxy_tcp(tmp, layout, args.workers, origin.port)
         servers = {"dispa": dispa, "haproxy": haproxy}
-        for name, srv in servers.items():
-            if not srv.start() or not tcp_ready(srv.l4_port):
-                raise RuntimeError(f"{name}: {srv.error or 'L4 port not accepting'}")
+        bc.start_all(servers, lambda srv: tcp_ready(srv.l4_port), "L4 port not accepting")
         scenarios = (("l4_tput", "/1m", False, args.tput_conns),
                      ("l4_conn", "/", True, args.conn_conns))
-        rounds = []
-        for rnd in range(args.rounds):
-            order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
+
+        def measure(name: str, srv: h.Server) -> dict:
             row = {}
-            for name in order:
-                srv = servers[name]
-                for scen, path, close, conns in scenarios:
-                    c0 = h.tree_cpu_us(srv.proc.pid)
-                    r = h.run_wrk(srv.l4_port, path, args.duration, conns, layout.wrk_threads,
-                                  layout.cpuset("load"), close)
-                    cpu = h.tree_cpu_us(srv.proc.pid) - c0
-                    secs = r["duration_us"] / 1e6 if r["duration_us"] else 0.0
-                    row[f"{name}.{scen}"] = {
-                        "rps": round(r["rps"], 1), "errors": r["errors"],
-                        "mib_per_s": round(r["bytes"] / secs / (1 << 20), 1) if secs else 0.0,
-                        "cpu_us_per_req": round(cpu / r["requests"], 1) if r["requests"]
-                        else None}
-            rounds.append(row)
-            print(json.dumps({"round": rnd, **row}), flush=True)
+            for scen, path, close, conns in scenarios:
+                r, cpu = bc.measured(srv, lambda p=path, c=close, n=conns: h.run_wrk(
+                    srv.l4_port, p, args.duration, n, layout.wrk_threads,
+                    layout.cpuset("load"), c))
+                secs = r["duration_us"] / 1e6 if r["duration_us"] else 0.0
+                row[f"{name}.{scen}"] = {
+                    "rps": round(r["rps"], 1), "errors": r["errors"],
+                    "mib_per_s": round(r["bytes"] / secs / (1 << 20), 1) if secs else 0.0,
+                    "cpu_us_per_req": bc.per_req(cpu, r["requests"])}
+            return row
+
+        rounds = bc.run_rounds(servers, args.rounds, measure)
         summary = {}
         for scen, *_ in scenarios:
             key = "mib_per_s" if scen == "l4_tput" else "rps"
@@ -192,26 +154,15 @@ def main(argv=None) -> int:
                 "unit": "MiB/s" if key == "mib_per_s" else "connections/s",
                 "dispa": statistics.median(r[f"dispa.{scen}"][key] for r in rounds),
                 "haproxy": statistics.median(r[f"haproxy.{scen}"][key] for r in rounds),
-                # median of the per-round ratios (both measured back to back)
-                "ratio": round(statistics.median(per_round), 3) if per_round else None,
-                "ratio_range": [round(min(per_round), 3), round(max(per_round), 3)]
-                if per_round else None,
+                **bc.ratios(per_round),
                 # CPU per request: the steadier figure on a shared machine (lower is better)
                 "cpu_ratio": round(statistics.median(dc) / statistics.median(hc), 3)
                 if None not in dc + hc and statistics.median(hc) else None,
                 "errors": sum(r[f"dispa.{scen}"]["errors"] for r in rounds)}
-        doc = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "workers": args.workers, "duration": args.duration,
-               "layout": layout.__dict__, "tools": h.tool_versions(), "rounds": rounds,
-               "summary": summary}
-        print(json.dumps({"summary": summary}, indent=1))
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(doc, indent=1))
-        return 0
+        return bc.report({"workers": args.workers, "duration": args.duration}, layout,
+                         rounds, summary, args.json)
     finally:
-        for srv in list(servers.values()) + [origin]:
-            srv.stop()
+        bc.stop_all(*servers.values(), origin)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,7 @@ Prints one JSON line per round and a summary with the Dispa/nginx ratios (docs/p
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -28,49 +25,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import harness as h  # noqa: E402
+import bench_common as bc  # noqa: E402
+from bench_common import HERE, h  # noqa: E402
 
-NGINX_TLS = """
-worker_processes {workers};
-daemon off;
-master_process on;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-worker_rlimit_nofile {nofile};
-events {{ worker_connections {worker_connections}; }}
-http {{
-    access_log off;
-    keepalive_timeout 300s;
-    keepalive_requests 100000000;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy_temp;
-    fastcgi_temp_path {prefix}/fastcgi_temp;
-    uwsgi_temp_path {prefix}/uwsgi_temp;
-    scgi_temp_path {prefix}/scgi_temp;
-    upstream backend {{
-        server 127.0.0.1:{backend_port};
-        keepalive 64;
-        keepalive_requests 100000000;
-    }}
-    server {{
-        listen 127.0.0.1:{port} reuseport backlog=4096;
-        listen 127.0.0.1:{tls_port} ssl reuseport backlog=4096;
+NGINX_TLS_LISTEN = """        listen 127.0.0.1:{tls_port} ssl reuseport backlog=4096;
         ssl_certificate {cert};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_session_tickets on;
-        location / {{
-            proxy_pass http://backend;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
-}}
-"""
+        ssl_session_tickets on;"""
 
 DISPA_TLS = """
 [tls]
@@ -107,12 +71,8 @@ def run_wrk_tls(port: int, duration: float, conns: int, threads: int, cpus: str,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=float, default=5.0)
-    ap.add_argument("--workers", type=int, default=1)
+    ap = bc.parser(__doc__)
     ap.add_argument("--conns", type=int, default=32)
-    ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     h.ensure_tools(["nginx", "wrk"])
     layout = h.cpu_layout(args.workers)
@@ -121,44 +81,31 @@ def main(argv=None) -> int:
     backend = h.make_backend(tmp, layout)
     servers = {}
     try:
-        if not backend.start():
-            raise RuntimeError(f"backend: {backend.error}")
-        prefix = os.path.join(tmp, "nginx")
-        os.makedirs(prefix, exist_ok=True)
-        port, tls_port = h.free_port(), h.free_port()
-        nf = h.nofile_limit()
-        conf = os.path.join(prefix, "nginx.conf")
-        Path(conf).write_text(NGINX_TLS.format(
-            workers=args.workers, prefix=prefix, port=port, tls_port=tls_port,
-            backend_port=backend.port, nofile=nf, worker_connections=nf - 100,
-            cert=cert, key=key))
-        nginx = h.Server("nginx", h.nginx_cmd(prefix, conf), port, layout.cpuset("proxy"),
-                         workdir=prefix)
+        bc.start_all({"backend": backend})
+        tls_port = h.free_port()
+        nginx = bc.nginx_server(
+            tmp, "nginx", args.workers, layout.cpuset("proxy"), bc.NGINX_PROXY,
+            backend_port=backend.port,
+            listen=NGINX_TLS_LISTEN.format(tls_port=tls_port, cert=cert, key=key))
         nginx.tls_port = tls_port
         d_tls = h.free_port()
         dispa = h.make_dispa(tmp, layout, args.workers, backend.port, None,
                              extra=DISPA_TLS.format(tls_port=d_tls, cert=cert, key=key))
         dispa.tls_port = d_tls
         servers = {"dispa": dispa, "nginx": nginx}
-        for name, srv in servers.items():
-            if not srv.start():
-                raise RuntimeError(f"{name}: {srv.error}")
-        rounds = []
-        for rnd in range(args.rounds):
-            order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
+        bc.start_all(servers)
+
+        def measure(name: str, srv: h.Server) -> dict:
             row = {}
-            for name in order:
-                srv = servers[name]
-                for scen, close in (("tls_ka", False), ("tls_hs", True)):
-                    c0 = h.tree_cpu_us(srv.proc.pid)
-                    r = run_wrk_tls(srv.tls_port, args.duration, args.conns,
-                                    layout.wrk_threads, layout.cpuset("load"), close)
-                    cpu = h.tree_cpu_us(srv.proc.pid) - c0
-                    row[f"{name}.{scen}"] = {
-                        "rps": round(r["rps"], 1), "errors": r["errors"],
-                        "cpu_us_per_req": round(cpu / r["requests"], 1) if r["requests"] else None}
-            rounds.append(row)
-            print(json.dumps({"round": rnd, **row}), flush=True)
+            for scen, close in (("tls_ka", False), ("tls_hs", True)):
+                r, cpu = bc.measured(srv, lambda close=close: run_wrk_tls(
+                    srv.tls_port, args.duration, args.conns, layout.wrk_threads,
+                    layout.cpuset("load"), close))
+                row[f"{name}.{scen}"] = {"rps": round(r["rps"], 1), "errors": r["errors"],
+                                         "cpu_us_per_req": bc.per_req(cpu, r["requests"])}
+            return row
+
+        rounds = bc.run_rounds(servers, args.rounds, measure)
         summary = {}
         for scen in ("tls_ka", "tls_hs"):
             d = statistics.median(r[f"dispa.{scen}"]["rps"] for r in rounds)
@@ -168,26 +115,14 @@ def main(argv=None) -> int:
             per_round = [r[f"dispa.{scen}"]["rps"] / r[f"nginx.{scen}"]["rps"] for r in rounds
                          if r[f"nginx.{scen}"]["rps"]]
             summary[scen] = {
-                "dispa_rps": d, "nginx_rps": n,
-                # throughput: median of the per-round ratios (both measured back to back)
-                "ratio": round(statistics.median(per_round), 3) if per_round else None,
-                "ratio_range": [round(min(per_round), 3), round(max(per_round), 3)]
-                if per_round else None,
+                "dispa_rps": d, "nginx_rps": n, **bc.ratios(per_round),
                 "dispa_cpu_us": dc, "nginx_cpu_us": nc,
                 # CPU per request, the steadier figure on a shared machine (lower is better)
                 "cpu_ratio": round(dc / nc, 3) if nc else None}
-        doc = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               "workers": args.workers, "conns": args.conns, "duration": args.duration,
-               "layout": layout.__dict__, "tools": h.tool_versions(), "rounds": rounds,
-               "summary": summary}
-        print(json.dumps({"summary": summary}, indent=1))
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(doc, indent=1))
-        return 0
+        return bc.report({"workers": args.workers, "conns": args.conns,
+                          "duration": args.duration}, layout, rounds, summary, args.json)
     finally:
-        for srv in list(servers.values()) + [backend]:
-            srv.stop()
+        bc.stop_all(*servers.values(), backend)
 
 
 if __name__ == "__main__":

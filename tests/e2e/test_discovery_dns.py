@@ -22,7 +22,6 @@ print what we measured.
 from __future__ import annotations
 
 import http.client
-import json
 import signal
 import socket
 import threading
@@ -30,10 +29,10 @@ import time
 
 import pytest
 
-from tests.support.discovery_load import Load, converged, metric, published
+from tests.support.discovery_load import Load, converged, metric, print_timings, provider, \
+    published, start_origins, write_config
 from tests.support.dispa_proc import DispaProcess, free_port, wait_for
 from tests.support.dnsmasq import Dnsmasq
-from tests.support.origin import Origin
 
 TTL = 1.0
 THROTTLE = 0.5
@@ -92,23 +91,12 @@ def dnsmasq(tmp_path):
 
 @pytest.fixture
 def origins():
-    started: dict[str, Origin] = {}
-    port = 0
-    for name, host in ADDRESSES.items():
-        o = Origin(name, host=host, port=port).start()
-        port = o.port  # A records carry no port: every origin listens on the same one
-        started[name] = o
-    yield started
-    for o in started.values():
-        o.stop()
+    # A records carry no port: every origin listens on the same one
+    yield from start_origins(hosts=ADDRESSES)
 
 
 def _config(tmp_path, dns: Dnsmasq, port: int, admin_port: int, origin_port: int):
-    text = f"""
-[server]
-bind_address = "127.0.0.1:{port}"
-workers = 2
-
+    return write_config(tmp_path, port, admin_port, f"""
 [targets.discovery]
 provider = "dns"
 service = "api.test"
@@ -128,16 +116,7 @@ timeout = 0.5
 min_ttl = {TTL}
 max_ttl = 5
 negative_ttl = {TTL}
-
-[monitoring]
-enabled = true
-bind_host = "127.0.0.1"
-metrics_port = {admin_port}
-health_check_port = {admin_port}
-"""
-    path = tmp_path / "dispa.toml"
-    path.write_text(text)
-    return path
+""")
 
 
 def _hosts(*names: str) -> dict[str, list[str]]:
@@ -178,10 +157,7 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         wait_for(published(d, "default", 2), BOUND, "every worker without o3")
         timings["remove"] = time.monotonic() - t0
         assert slow.pending(), "the slow requests ended before the swap: raise SLOW_MS"
-        t1 = time.monotonic()
-        wait_for(lambda: load.count() > 0 and load.results[-1][0] > t1 + 0.3, BOUND,
-                 "traffic after the removal")
-        assert "o3" not in load.served_since(t1)
+        assert "o3" not in load.run_for(0.3, BOUND, "traffic after the removal")
         results = slow.join(SLOW_MS / 1000 + BOUND)
         assert all(status == 200 for status, _ in results), results
         assert "o3" in {origin for _, origin in results}  # in flight across the swap
@@ -194,10 +170,7 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         d.signal(signal.SIGHUP)
         wait_for(lambda: d.status()["reloads"]["ok"] >= 1, BOUND, "reload")
         wait_for(published(d, "default", 2), BOUND, "workers on the reloaded snapshot")
-        t1 = time.monotonic()
-        wait_for(lambda: load.count() > 0 and load.results[-1][0] > t1 + 0.3, BOUND,
-                 "traffic after the reload")
-        assert load.served_since(t1) == {"o1", "o2"}
+        assert load.run_for(0.3, BOUND, "traffic after the reload") == {"o1", "o2"}
 
         # a reload that changes the discovery source but is refused late (its new listener
         # cannot be bound) leaves the running source in force: the watcher is untouched
@@ -223,16 +196,12 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         # 3. the registry goes away: last known good stays, status says stale
         t0 = time.monotonic()
         dnsmasq.stop()
-        wait_for(lambda: d.status()["discovery"]["providers"]["dns"]["state"] == "stale",
-                 BOUND + 5, "provider state stale")
+        wait_for(lambda: provider(d, "dns")["state"] == "stale", BOUND + 5, "provider state stale")
         timings["stale"] = time.monotonic() - t0
         wait_for(lambda: (metric(d, "dispa_discovery_staleness_seconds",
                                   'provider="dns"') or 0) >= 1.0, BOUND,
                  "staleness metric growing")
-        t1 = time.monotonic()
-        wait_for(lambda: load.count() > 0 and load.results[-1][0] > t1 + 1.0, BOUND,
-                 "traffic during the outage")
-        assert load.served_since(t1) == {"o1", "o2"}
+        assert load.run_for(1.0, BOUND, "traffic during the outage") == {"o1", "o2"}
         st = d.status()
         assert st["discovery"]["clusters"]["default"]["endpoints"] == 2
         assert (metric(d, "dispa_discovery_errors_total", 'provider="dns"') or 0) >= 1
@@ -241,14 +210,11 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         dnsmasq.set_hosts(_hosts("o1"), reload=False)
         t0 = time.monotonic()
         dnsmasq.start()
-        wait_for(lambda: d.status()["discovery"]["providers"]["dns"]["state"] == "ok",
-                 BOUND + 5, "provider state ok again")
+        wait_for(lambda: provider(d, "dns")["state"] == "ok", BOUND + 5, "provider state ok again")
         wait_for(published(d, "default", 1), BOUND + 5, "every worker on o1 only")
         wait_for(converged(load, {"o1"}), BOUND + 5, "traffic on o1 only")
         timings["resync"] = time.monotonic() - t0
-        load.stop()
-        assert load.failures == [], load.failures[:5]
-        assert load.count() > 200
+        load.finish()
         assert metric(d, "dispa_discovery_endpoints", 'cluster="default"') == 1.0
         assert (metric(d, "dispa_discovery_updates_total", 'provider="dns"') or 0) >= 4
 
@@ -265,8 +231,7 @@ def test_dns_discovery_follows_the_zone_under_load(tmp_path, dnsmasq, origins):
         wait_for(answered_503, BOUND, "503 for an empty cluster")
         st = wait_for(published(d, "default", 0), BOUND, "every worker on the empty set")
         assert st["discovery"]["providers"]["dns"]["state"] == "ok"
-        print("discovery timings (s):", json.dumps({k: round(v, 2) for k, v in timings.items()}),
-              "requests:", load.count())
+        print_timings("discovery", timings, load)
     finally:
         if load is not None:
             load.stop()

@@ -18,12 +18,13 @@ The file routes everything to the target group ``web`` (origin ``web``); ``kv_pr
 from __future__ import annotations
 
 import time
+from contextlib import closing
 
 import pytest
 
 from tests.support.consul_double import ConsulDouble
-from tests.support.dispa_proc import DispaProcess, free_port, http_get, wait_for
-from tests.support.origin import Origin
+from tests.support.discovery_load import served_by as _served_by, start_origins, write_config
+from tests.support.dispa_proc import DispaProcess, free_port, wait_for
 
 BOUND = 8.0  # seconds: blocking query answer + validate + compile + apply on 2 workers
 
@@ -68,32 +69,18 @@ target = "nowhere"
 
 @pytest.fixture
 def consul():
-    d = ConsulDouble().start()
-    yield d
-    d.close()
+    with closing(ConsulDouble().start()) as d:
+        yield d
 
 
 @pytest.fixture
 def origins():
-    started = {name: Origin(name).start() for name in ("web", "api", "disc")}
-    yield started
-    for o in started.values():
-        o.stop()
-
-
-def _served_by(port: int, path: str) -> str:
-    status, headers, _ = http_get(port, path)
-    return headers.get("x-origin", "") if status == 200 else f"status {status}"
+    yield from start_origins(("web", "api", "disc"))
 
 
 def test_consul_kv_fragments_change_routing_without_a_restart(tmp_path, consul, origins):
     port, admin = free_port(), free_port()
-    cfg = tmp_path / "dispa.toml"
-    cfg.write_text(f"""
-[server]
-bind_address = "127.0.0.1:{port}"
-workers = 2
-
+    cfg = write_config(tmp_path, port, admin, f"""
 [[targets.targets]]
 name = "unused"
 url = "http://127.0.0.1:9"
@@ -116,12 +103,6 @@ refresh_interval = 30
 
 [service_discovery.consul]
 kv_prefix = "dispa/config/"
-
-[monitoring]
-enabled = true
-bind_host = "127.0.0.1"
-metrics_port = {admin}
-health_check_port = {admin}
 """)
     d = DispaProcess(cfg, port=port, admin_port=admin)
     try:

@@ -18,14 +18,14 @@ from __future__ import annotations
 import socket
 import ssl
 import time
+from contextlib import closing
 
 import pytest
-import yaml
 
-from tests.support.dispa_proc import DispaProcess, free_port, http_get, read_one_response, \
-    wait_for
+from tests.support.discovery_load import kubeconfig, served_by as _served_by, start_origins, \
+    write_config
+from tests.support.dispa_proc import DispaProcess, free_port, read_one_response, wait_for
 from tests.support.k8s_double import K8sDouble, config_map, tls_secret
-from tests.support.origin import Origin
 from tests.support.pki import CA, cert_pem, key_pem
 
 BOUND = 8.0  # seconds: watch event + validation + publish to 2 workers, on a busy machine
@@ -48,17 +48,13 @@ prefix = "/k8s"
 
 @pytest.fixture
 def api():
-    d = K8sDouble(token=TOKEN, bookmark_interval=1.0).start()
-    yield d
-    d.close()
+    with closing(K8sDouble(token=TOKEN, bookmark_interval=1.0).start()) as d:
+        yield d
 
 
 @pytest.fixture
 def origins():
-    started = {name: Origin(name).start() for name in ("web", "api")}
-    yield started
-    for o in started.values():
-        o.stop()
+    yield from start_origins(("web", "api"))
 
 
 def _serial(ca: CA, tport: int) -> int:
@@ -70,29 +66,12 @@ def _serial(ca: CA, tport: int) -> int:
         return x509.load_der_x509_certificate(t.getpeercert(binary_form=True)).serial_number
 
 
-def _served_by(port: int, path: str) -> str:
-    status, headers, _ = http_get(port, path)
-    return headers.get("x-origin", "") if status == 200 else f"status {status}"
-
-
 def test_configmap_fragments_and_tls_secret_rotation(tmp_path, api, origins):
     ca = CA()
     v1, k1 = ca.issue("site-v1", dns=["site.test"])
     api.create(tls_secret("shop", "site-tls", cert_pem(v1), key_pem(k1)))
     port, tport, admin = free_port(), free_port(), free_port()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "e2e",
-        "contexts": [{"name": "e2e", "context": {"cluster": "double", "user": "dispa",
-                                                 "namespace": "shop"}}],
-        "clusters": [{"name": "double", "cluster": {"server": api.url}}],
-        "users": [{"name": "dispa", "user": {"token": TOKEN}}]}))
-    cfg = tmp_path / "dispa.toml"
-    cfg.write_text(f"""
-[server]
-bind_address = "127.0.0.1:{port}"
-workers = 2
-
+    cfg = write_config(tmp_path, port, admin, f"""
 [[targets.targets]]
 name = "web-1"
 url = "{origins['web'].url}"
@@ -104,7 +83,7 @@ provider = "kubernetes"
 refresh_interval = 10
 
 [service_discovery.kubernetes]
-kubeconfig = "{kubeconfig}"
+kubeconfig = "{kubeconfig(tmp_path, api.url, TOKEN)}"
 namespace = "shop"
 config_maps = ["shop/dispa-config"]
 
@@ -112,12 +91,6 @@ config_maps = ["shop/dispa-config"]
 enabled = true
 bind_address = "127.0.0.1:{tport}"
 kubernetes_secrets = ["site-tls"]
-
-[monitoring]
-enabled = true
-bind_host = "127.0.0.1"
-metrics_port = {admin}
-health_check_port = {admin}
 """)
     d = DispaProcess(cfg, port=port, admin_port=admin)
     try:

@@ -27,7 +27,8 @@ import time
 
 import pytest
 
-from tests.support.discovery_load import Load, converged, metric, published
+from tests.support.discovery_load import Load, converged, discovered_api, metric, outage, \
+    print_timings, provider, published, start_origins, write_config
 from tests.support.dispa_proc import DispaProcess, free_port, wait_for
 from tests.support.etcd_server import EtcdServer, etcd_available
 from tests.support.origin import Origin
@@ -51,10 +52,7 @@ def etcd(tmp_path):
 
 @pytest.fixture
 def origins():
-    started = {name: Origin(name).start() for name in ("o1", "o2", "o3", "o4")}
-    yield started
-    for o in started.values():
-        o.stop()
+    yield from start_origins(("o1", "o2", "o3", "o4"))
 
 
 def _announce(etcd: EtcdServer, origin: Origin) -> int:
@@ -63,33 +61,8 @@ def _announce(etcd: EtcdServer, origin: Origin) -> int:
 
 
 def _config(tmp_path, etcd: EtcdServer, port: int, admin_port: int, static_url: str):
-    text = f"""
-[server]
-bind_address = "127.0.0.1:{port}"
-workers = 2
-
-[[targets.targets]]
-name = "static"
-url = "{static_url}"
-
-[targets.health_check]
-enabled = false
-
-[[target_groups]]
-name = "api"
-
-[target_groups.discovery]
-provider = "etcd"
-service = "{PREFIX}"
-
-[target_groups.health_check]
-enabled = false
-
-[routing]
-default_target = "api"
-
-[service_discovery]
-provider = "etcd"
+    group = discovered_api("etcd", static_url, f'service = "{PREFIX}"\n')
+    return write_config(tmp_path, port, admin_port, group + f"""\
 throttle = {THROTTLE}
 refresh_interval = 10
 
@@ -102,20 +75,11 @@ service = "/dispa/nodes"
 id = "dispa-e2e"
 address = "127.0.0.1"
 ttl = {REGISTER_TTL}
-
-[monitoring]
-enabled = true
-bind_host = "127.0.0.1"
-metrics_port = {admin_port}
-health_check_port = {admin_port}
-"""
-    path = tmp_path / "dispa.toml"
-    path.write_text(text)
-    return path
+""")
 
 
 def _provider(d: DispaProcess) -> dict:
-    return d.status()["discovery"]["providers"]["etcd"]
+    return provider(d, "etcd")
 
 
 def _staleness_metric(d: DispaProcess) -> float:
@@ -163,25 +127,13 @@ def test_etcd_discovery_follows_the_prefix_under_load(tmp_path, etcd, origins):
         etcd.delete(PREFIX + "o2")
         wait_for(published(d, "api", 2), BOUND, "every worker without o2")
         timings["deregister"] = time.monotonic() - t0
-        t1 = time.monotonic()
-        wait_for(lambda: load.last_time() > t1 + 0.3, BOUND, "traffic after the removal")
-        assert "o2" not in load.served_since(t1)
+        assert "o2" not in load.run_for(0.3, BOUND, "traffic after the removal")
         origins["o2"].stop()
         wait_for(converged(load, {"o1", "o3"}), BOUND, "traffic on o1+o3")
         assert load.failures == [], load.failures[:5]
 
         # 3. etcd goes away: the last known good set stays, status says stale
-        t0 = time.monotonic()
-        etcd.kill()
-        wait_for(lambda: _provider(d)["state"] == "stale", BOUND, "provider state stale")
-        timings["stale"] = time.monotonic() - t0
-        t1 = time.monotonic()
-        wait_for(lambda: load.last_time() > t1 + 1.0, BOUND, "traffic during the outage")
-        assert load.served_since(t1) == {"o1", "o3"}
-        prov = _provider(d)
-        assert d.status()["discovery"]["clusters"]["api"]["endpoints"] == 2
-        assert prov["staleness_seconds"] > 0 and prov["last_error"]
-        assert _staleness_metric(d) > 0
+        timings["stale"] = outage(d, load, "etcd", "api", {"o1", "o3"}, BOUND, etcd.kill)
 
         # 4. etcd returns and, before Dispa has reconnected, o4 registers and o1 is
         #    scaled away (still up, so the late removal costs nothing): Dispa resyncs
@@ -194,9 +146,7 @@ def test_etcd_discovery_follows_the_prefix_under_load(tmp_path, etcd, origins):
         wait_for(converged(load, {"o3", "o4"}), RESYNC_BOUND, "traffic on o3+o4")
         timings["resync"] = time.monotonic() - t0
         assert _staleness_metric(d) == 0
-        load.stop()
-        assert load.failures == [], load.failures[:5]
-        assert load.count() > 200
+        load.finish()
         assert "static" not in load.served_since(0)  # the group's traffic never fell back
         prov = _provider(d)
         # resumed from its revision: the outage cost no re-list
@@ -208,9 +158,7 @@ def test_etcd_discovery_follows_the_prefix_under_load(tmp_path, etcd, origins):
         wait_for(lambda: time.monotonic() - registered_at > REGISTER_TTL + 1, 2 * REGISTER_TTL,
                  "one TTL past the registration")
         assert etcd.lease_of(NODE_KEY) == lease and etcd.lease_ttl(lease) > 0
-        print("etcd discovery timings (s):",
-              json.dumps({k: round(v, 2) for k, v in timings.items()}),
-              "requests:", load.count())
+        print_timings("etcd discovery", timings, load)
     finally:
         if load is not None:
             load.stop()

@@ -22,13 +22,13 @@ success) adds up to a few seconds. We assert ``BOUND`` seconds, generous for a l
 
 from __future__ import annotations
 
-import json
 import time
+from contextlib import closing
 
 import pytest
-import yaml
 
-from tests.support.discovery_load import Load, converged, metric, published
+from tests.support.discovery_load import Load, converged, discovered_api, kubeconfig, outage, \
+    print_timings, provider, published, start_origins, write_config
 from tests.support.dispa_proc import DispaProcess, free_port, wait_for
 from tests.support.k8s_double import K8sDouble, endpoint_slice, service
 from tests.support.origin import Origin
@@ -46,22 +46,13 @@ TERMINATING = False, True, True  # a pod being deleted that still serves
 
 @pytest.fixture
 def api():
-    d = K8sDouble(token=TOKEN, bookmark_interval=1.0).start()
-    yield d
-    d.close()
+    with closing(K8sDouble(token=TOKEN, bookmark_interval=1.0).start()) as d:
+        yield d
 
 
 @pytest.fixture
 def pods():
-    started: dict[str, Origin] = {}
-    port = 0
-    for name, host in ADDRESSES.items():
-        o = Origin(name, host=host, port=port).start()
-        port = o.port  # pods of one Service listen on the same target port
-        started[name] = o
-    yield started
-    for o in started.values():
-        o.stop()
+    yield from start_origins(hosts=ADDRESSES)  # pods of one Service: one target port
 
 
 def _slice(name: str, port: int, **states) -> dict:
@@ -71,61 +62,19 @@ def _slice(name: str, port: int, **states) -> dict:
 
 
 def _config(tmp_path, api: K8sDouble, port: int, admin_port: int, static_url: str):
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "e2e",
-        "contexts": [{"name": "e2e", "context": {"cluster": "double", "user": "dispa",
-                                                 "namespace": "shop"}}],
-        "clusters": [{"name": "double", "cluster": {"server": api.url}}],
-        "users": [{"name": "dispa", "user": {"token": TOKEN}}]}))
-    text = f"""
-[server]
-bind_address = "127.0.0.1:{port}"
-workers = 2
-
-[[targets.targets]]
-name = "static"
-url = "{static_url}"
-
-[targets.health_check]
-enabled = false
-
-[[target_groups]]
-name = "api"
-
-[target_groups.discovery]
-provider = "kubernetes"
-service = "shop/api"
-port_name = "http"
-
-[target_groups.health_check]
-enabled = false
-
-[routing]
-default_target = "api"
-
-[service_discovery]
-provider = "kubernetes"
+    group = discovered_api("kubernetes", static_url, 'service = "shop/api"\nport_name = "http"\n')
+    return write_config(tmp_path, port, admin_port, group + f"""\
 throttle = {THROTTLE}
 refresh_interval = 10
 health_check_integration = true
 
 [service_discovery.kubernetes]
-kubeconfig = "{kubeconfig}"
-
-[monitoring]
-enabled = true
-bind_host = "127.0.0.1"
-metrics_port = {admin_port}
-health_check_port = {admin_port}
-"""
-    path = tmp_path / "dispa.toml"
-    path.write_text(text)
-    return path
+kubeconfig = "{kubeconfig(tmp_path, api.url, TOKEN)}"
+""")
 
 
 def _provider(d: DispaProcess) -> dict:
-    return d.status()["discovery"]["providers"]["kubernetes"]
+    return provider(d, "kubernetes")
 
 
 def test_kubernetes_discovery_follows_endpoint_slices_under_load(tmp_path, api, pods):
@@ -164,9 +113,7 @@ def test_kubernetes_discovery_follows_endpoint_slices_under_load(tmp_path, api, 
         api.update(_slice("api-b", p, o4=TERMINATING))
         wait_for(published(d, "api", 3), BOUND, "every worker without o4")
         timings["terminating"] = time.monotonic() - t0
-        t1 = time.monotonic()
-        wait_for(lambda: load.last_time() > t1 + 0.3, BOUND, "traffic after the removal")
-        assert "o4" not in load.served_since(t1)
+        assert "o4" not in load.run_for(0.3, BOUND, "traffic after the removal")
         pods["o4"].stop()
         api.delete("EndpointSlice", "shop", "api-b")
         #    o2 fails its readiness probe (still up): it leaves the set the same way
@@ -177,18 +124,7 @@ def test_kubernetes_discovery_follows_endpoint_slices_under_load(tmp_path, api, 
         assert load.failures == [], load.failures[:5]
 
         # 3. the API server goes away: the last known good set stays, status says stale
-        t0 = time.monotonic()
-        api.stop()
-        wait_for(lambda: _provider(d)["state"] == "stale", BOUND, "provider state stale")
-        timings["stale"] = time.monotonic() - t0
-        t1 = time.monotonic()
-        wait_for(lambda: load.last_time() > t1 + 1.0, BOUND, "traffic during the outage")
-        assert load.served_since(t1) == {"o1", "o3"}
-        prov = _provider(d)
-        assert d.status()["discovery"]["clusters"]["api"]["endpoints"] == 2
-        assert prov["staleness_seconds"] > 0 and prov["last_error"]
-        assert (metric(d, "dispa_discovery_staleness_seconds", 'provider="kubernetes"')
-                or 0) > 0
+        timings["stale"] = outage(d, load, "kubernetes", "api", {"o1", "o3"}, BOUND, api.stop)
 
         # 4. it returns; meanwhile o2 became ready again and o1 was scaled away (its pod
         #    still up, so the late removal costs nothing): Dispa resyncs
@@ -199,17 +135,13 @@ def test_kubernetes_discovery_follows_endpoint_slices_under_load(tmp_path, api, 
         wait_for(published(d, "api", 2), RESYNC_BOUND, "every worker on o2+o3")
         wait_for(converged(load, {"o2", "o3"}), RESYNC_BOUND, "traffic on o2+o3")
         timings["resync"] = time.monotonic() - t0
-        load.stop()
-        assert load.failures == [], load.failures[:5]
-        assert load.count() > 200
+        load.finish()
         assert "static" not in load.served_since(0)  # the group's traffic never fell back
         prov = _provider(d)
         # resumed from its resourceVersion: the outage cost no re-list
         assert prov["services"]["shop/api"]["lists"] == 1
         assert prov["reconnects"] >= 1
-        print("kubernetes discovery timings (s):",
-              json.dumps({k: round(v, 2) for k, v in timings.items()}),
-              "requests:", load.count())
+        print_timings("kubernetes discovery", timings, load)
     finally:
         if load is not None:
             load.stop()

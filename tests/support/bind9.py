@@ -14,11 +14,10 @@ import base64
 import os
 import shutil
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 from tests.support.dispa_proc import free_port
+from tests.support.process import ServerProcess
 
 NAMED = shutil.which("named") or "/usr/sbin/named"
 ZONE = "acme.test"
@@ -37,8 +36,10 @@ def _free_udp_tcp_port() -> int:
     raise RuntimeError("no free port for named")
 
 
-class Bind9:
+class Bind9(ServerProcess):
     """A running ``named``; use as a context manager or call ``stop()``."""
+
+    NAME = "named"
 
     def __init__(self, directory: Path, *, zone: str = ZONE, key_name: str = "dispa-acme"):
         self.dir = Path(directory)
@@ -78,32 +79,18 @@ zone "{zone}" {{
     allow-update {{ key "{key_name}"; }};
 }};
 """)
-        self.log_path = self.dir / "named.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([NAMED, "-g", "-4", "-n", "1", "-c", str(conf)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        self._spawn([NAMED, "-g", "-4", "-n", "1", "-c", str(conf)], self.dir / "named.log")
+        self._wait_ready(self._answers)
 
-    def _wait_ready(self, timeout: float = 20.0) -> None:
+    def _answers(self) -> bool:
         import dns.message
         import dns.query
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"named exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                q = dns.message.make_query(f"ns.{self.zone}.", "A")
-                r = dns.query.tcp(q, "127.0.0.1", port=self.port, timeout=1.0)
-                if r.answer:
-                    return
-            except OSError:
-                pass
-            except Exception:  # noqa: BLE001 - dns.exception.Timeout and the like
-                pass
-            time.sleep(0.05)  # polling a starting server: nothing to wait on instead
-        self.stop()
-        raise RuntimeError(f"named did not answer within {timeout}s:\n{self.log()}")
+        try:
+            q = dns.message.make_query(f"ns.{self.zone}.", "A")
+            return bool(dns.query.tcp(q, "127.0.0.1", port=self.port, timeout=1.0).answer)
+        except Exception:  # noqa: BLE001 - dns.exception.Timeout and the like
+            return False
 
     def txt(self, name: str) -> list[str]:
         """The TXT values of ``name`` as the server answers them now."""
@@ -113,25 +100,3 @@ zone "{zone}" {{
         r = dns.query.tcp(dns.message.make_query(name, "TXT"), "127.0.0.1", port=self.port,
                           timeout=2.0)
         return [b"".join(rd.strings).decode() for rrset in r.answer for rd in rrset]
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def __enter__(self) -> "Bind9":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -18,8 +18,6 @@ import json
 import os
 import shutil
 import ssl
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.support.dispa_proc import free_port
+from tests.support.process import ServerProcess
 
 PEBBLE = shutil.which("pebble") or "/usr/bin/pebble"
 
@@ -64,8 +63,11 @@ def _write_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     return ca_path, cert_path, key_path
 
 
-class Pebble:
+class Pebble(ServerProcess):
     """A running pebble; ``directory_url`` for clients, ``roots()`` for verification."""
+
+    NAME = "pebble"
+    LOG_TAIL = 6000
 
     def __init__(self, directory: Path, *, dns_port: int, http_port: int = 0,
                  tls_port: int = 0, eab_keys: dict[str, str] | None = None):
@@ -91,33 +93,17 @@ class Pebble:
         conf.write_text(json.dumps(config))
         env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0",
                    PEBBLE_AUTHZREUSE="0")
-        self.log_path = self.dir / "pebble.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [PEBBLE, "-config", str(conf), "-dnsserver", f"127.0.0.1:{dns_port}",
-             "-strict=false"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.dir)
+        self._spawn([PEBBLE, "-config", str(conf), "-dnsserver", f"127.0.0.1:{dns_port}",
+                     "-strict=false"], self.dir / "pebble.log", env=env, cwd=self.dir)
         self.directory_url = f"https://127.0.0.1:{self.port}/dir"
-        self._wait_ready()
+        self._wait_ready(self._answers)
 
     def _ctx(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_bundle))
 
-    def _wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pebble exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.directory_url, context=self._ctx(),
-                                            timeout=1.0) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)  # polling a starting server: nothing to wait on instead
-        self.stop()
-        raise RuntimeError(f"pebble did not answer within {timeout}s:\n{self.log()}")
+    def _answers(self) -> bool:
+        with urllib.request.urlopen(self.directory_url, context=self._ctx(), timeout=1.0) as r:
+            return r.status == 200
 
     def roots(self) -> bytes:
         """The PEM root of the chains pebble issues (regenerated at each start)."""
@@ -137,25 +123,3 @@ class Pebble:
                 f"https://127.0.0.1:{self.mgmt_port}/cert-status-by-serial/{serial:x}",
                 context=self._ctx(), timeout=5.0) as r:
             return json.loads(r.read())
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-6000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-    def __enter__(self) -> "Pebble":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
