@@ -528,3 +528,34 @@ def test_degrades_without_ctypes_access(ca, tmp_path, caplog, monkeypatch):
         _handshake(server.base, client, "m.test")
     assert tctx.check_groups(["X25519", "P-256"])  # a multi-group list needs ctypes
     assert tctx.check_groups(["X25519"]) is None  # one group: Python's own API
+
+
+def test_listener_level_client_auth_checks_the_crl(ca, tmp_path):
+    """[tls.client_auth] on the listener (no per-name switch): a revoked client certificate
+    is refused by the CRL, a good one accepted, no certificate refused ("required")."""
+    from dispa.tls.config import ClientAuthConfig
+    good_cert, good_key = ca.issue("good-client", client=True)
+    bad_cert, bad_key = ca.issue("revoked-client", client=True)
+    (tmp_path / "ca.pem").write_bytes(ca.pem)
+    (tmp_path / "crl.pem").write_bytes(ca.crl([bad_cert]))
+    certs = tmp_path / "certs"
+    write_pair(certs, "a", *ca.issue("a", dns=["a.test"]))
+    store = _store(certs, client_auth=ClientAuthConfig(
+        mode="required", ca_file=str(tmp_path / "ca.pem"), crl_file=str(tmp_path / "crl.pem")))
+    store.refresh(force=True)
+    server = tctx.TlsServer()
+    server.update(store.payload())
+
+    def client(cert, key):
+        c = ssl.create_default_context(cadata=ca.pem.decode())
+        c.maximum_version = ssl.TLSVersion.TLSv1_2  # the verdict inside the handshake
+        if cert is not None:
+            crt, k = write_pair(tmp_path / "c", f"c{id(cert)}", cert, key)
+            c.load_cert_chain(crt, k)
+        return c
+
+    assert _handshake(server.base, client(good_cert, good_key), "a.test").getpeercert()
+    with pytest.raises(ssl.SSLError, match="revoked"):
+        _handshake(server.base, client(bad_cert, bad_key), "a.test")
+    with pytest.raises(ssl.SSLError):
+        _handshake(server.base, client(None, None), "a.test")
