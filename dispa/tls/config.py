@@ -50,9 +50,14 @@ class SniConfig(_Table):
     """One ``[[tls.sni]]`` entry: settings for some server names (exact or ``*.`` wildcard)."""
 
     names: Annotated[list[str], Meta(min_length=1)]
-    # TLS 1.2 cipher string for these names ("" keeps [tls] ciphers). Versions cannot be
-    # set per name: OpenSSL settles the version before the SNI callback runs.
+    # TLS 1.2 cipher string for these names ("" keeps [tls] ciphers).
     ciphers: str = ""
+    # Versions allowed for these names ("" keeps [tls] min_version / max_version). OpenSSL
+    # settles the version before the SNI callback runs, so a narrower range is enforced
+    # right after the handshake: a connection outside it is closed and counted
+    # (reason "version_not_allowed_for_name"), before any request is read.
+    min_version: Literal["", "1.2", "1.3"] = ""
+    max_version: Literal["", "1.2", "1.3"] = ""
     client_auth: ClientAuthConfig = ClientAuthConfig()
 
 
@@ -138,6 +143,14 @@ def check_tls(tls: TlsConfig, issue, http_address) -> None:
     if tls.min_version > tls.max_version:
         issue(f"min_version {tls.min_version} is above max_version {tls.max_version}",
               where + ("min_version",))
+    for n, sni in enumerate(tls.sni):
+        lo, hi = sni.min_version or tls.min_version, sni.max_version or tls.max_version
+        if lo > hi:
+            issue(f"min_version {lo} is above max_version {hi}", where + ("sni", n, "min_version"))
+        elif lo < tls.min_version or hi > tls.max_version:
+            issue(f"versions {lo}..{hi} reach outside the listener's "
+                  f"{tls.min_version}..{tls.max_version}: a name can only narrow them",
+                  where + ("sni", n, "min_version" if lo < tls.min_version else "max_version"))
     address = parse_host_port(tls.bind_address)
     if isinstance(address, str):
         issue(f"bind_address {tls.bind_address!r}: {address}", where + ("bind_address",))
@@ -311,7 +324,9 @@ def compile_tls(tls: TlsConfig, https_endpoints: list[str],
         "client_auth": auth(tls.client_auth),
         "client_cert_header": tls.client_cert_header.lower() if tls.enabled else "",
         "sni": [{"names": [_sni_name(n, normalize_hostname) for n in s.names],
-                 "ciphers": s.ciphers, "client_auth": auth(s.client_auth)}
+                 "ciphers": s.ciphers, "client_auth": auth(s.client_auth),
+                 "versions": [s.min_version or tls.min_version, s.max_version or tls.max_version]
+                 if (s.min_version or s.max_version) else None}
                 for s in tls.sni],
         "upstream": {"endpoints": sorted(https_endpoints), **_upstream_settings(tls.upstream)},
     }

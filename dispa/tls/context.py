@@ -368,12 +368,16 @@ class TlsServer:
             # context the SNI callback moves it to (OpenSSL 1.1.1+ chooses the cipher
             # after that callback; tests/unit/tls test_per_name_ciphers)
             ciphers = (sni or {}).get("ciphers") or settings.get("ciphers", "")
-            k = (cert["id"] if cert else "", json.dumps(auth, sort_keys=True), ciphers)
+            # per-name versions: checked after the handshake (tls/handshake.py _attach)
+            versions = tuple((sni or {}).get("versions") or ()) or None
+            k = (cert["id"] if cert else "", json.dumps(auth, sort_keys=True), ciphers,
+                 versions)
             e = built.get(k)
             if e is None:
                 ctx = build_context(dict(settings, ciphers=ciphers), cert, auth, ticket_keys)
                 _staple(ctx, cert)
                 ctx.dispa_client_ocsp = Policy.from_auth(auth)
+                ctx.dispa_versions = versions
                 contexts.append(ctx)
                 e = built[k] = _Entry(ctx, auth)
             return e

@@ -206,7 +206,17 @@ class TlsAccept(asyncio.Protocol):
         if hold.lost or app_transport.is_closing():
             return
         ssl_object = app_transport.get_extra_info("ssl_object")
-        plane.metrics.inc(HANDSHAKES, (("version", ssl_object.version() or "-"),))
+        version = ssl_object.version() or "-"
+        plane.metrics.inc(HANDSHAKES, (("version", version),))
+        allowed = getattr(ssl_object.context, "dispa_versions", None)
+        if allowed is not None and not allowed[0] <= _VERSIONS.get(version, "") <= allowed[1]:
+            # [[tls.sni]] min_version / max_version: OpenSSL chose the version before the
+            # SNI callback, so a name's narrower range is enforced here
+            self._failed("version_not_allowed_for_name")
+            log.info("TLS %s refused: the requested name allows only %s..%s", version,
+                     allowed[0], allowed[1])
+            app_transport.abort()
+            return
         if getattr(plane, "h2_limits", None) is not None and \
                 ssl_object.selected_alpn_protocol() == "h2":
             session = plane.h2_session_factory()  # ALPN h2 (docs/http2.md)
@@ -275,6 +285,9 @@ class TlsAccept(asyncio.Protocol):
 
     def _failed(self, reason: str) -> None:
         self.plane.metrics.inc(HANDSHAKE_ERRORS, (("reason", reason),))
+
+
+_VERSIONS = {"TLSv1.2": "1.2", "TLSv1.3": "1.3"}
 
 
 def _ocsp_unavailable(detail: str):

@@ -213,3 +213,49 @@ def test_tickets_of_the_previous_key_still_resume(served, version):
     rotate()
     assert not _resume(port, ctx, first)[0]  # two rotations ago: unknown
     assert _resume(port, ctx, renewed)[0]  # the renewed ticket: previous key now
+
+
+def _get_version(port, ca, sni, version):
+    ctx = ssl.create_default_context(cadata=ca.pem.decode())
+    ctx.minimum_version = ctx.maximum_version = version
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s, \
+            ctx.wrap_socket(s, server_hostname=sni) as t:
+        t.sendall(b"GET /v HTTP/1.1\r\nHost: a\r\n\r\n")
+        data = b""
+        while not data.endswith(b"/v"):
+            chunk = t.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_per_name_versions_are_enforced_after_the_handshake(served, tmp_path):
+    """[[tls.sni]] min_version = "1.3" for one name: TLS 1.2 to that name is closed before
+    any request is read and counted; TLS 1.3 to it, and TLS 1.2 to other names, are served."""
+    from dispa.tls.config import SniConfig
+    port, plane, ca, store, loop = served
+    write_pair(tmp_path, "b", *ca.issue("b.test", dns=["b.test"]))
+    cfg = TlsConfig(enabled=True, certificate_dirs=[str(tmp_path)],
+                    sni=[SniConfig(names=["b.test"], min_version="1.3")])
+    store.configure(cfg, compile_tls(cfg, []))
+    store.refresh(force=True)
+    _apply(loop, plane, store.payload())
+    assert _get_version(port, ca, "a.test", ssl.TLSVersion.TLSv1_2).endswith(b"/v")
+    assert _get_version(port, ca, "b.test", ssl.TLSVersion.TLSv1_3).endswith(b"/v")
+    try:
+        got = _get_version(port, ca, "b.test", ssl.TLSVersion.TLSv1_2)
+    except (ssl.SSLError, ConnectionError):
+        got = b""
+    assert not got.endswith(b"/v")
+    wait_for(lambda: _errors(plane).get("version_not_allowed_for_name") == 1, 5,
+             "the version_not_allowed_for_name label")
+
+
+def test_per_name_versions_must_narrow_the_listener(tmp_path):
+    from dispa.tls.config import SniConfig, check_tls
+    issues = []
+    check_tls(TlsConfig(enabled=False, max_version="1.2",
+                        sni=[SniConfig(names=["b.test"], min_version="1.3")]),
+              lambda msg, path: issues.append((msg, path)), None)
+    assert any(p == ("tls", "sni", 0, "min_version") for _, p in issues), issues
