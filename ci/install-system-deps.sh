@@ -2,7 +2,7 @@
 # System packages the build, the tests and the benchmarks need (Debian 12).
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
-PKGS=(build-essential curl openssl nginx-light haproxy wrk procps etcd-server dnsmasq pebble bind9 bind9-utils postgresql nghttp2-client)
+PKGS=(build-essential curl openssl nginx-light haproxy wrk procps etcd-server dnsmasq pebble bind9 bind9-utils postgresql nghttp2-client prometheus bind9-dnsutils iproute2)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

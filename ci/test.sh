@@ -9,6 +9,12 @@ cd "$(dirname "$0")/.."
 bash ci/install-system-deps.sh
 # h2spec (HTTP/2 conformance, tests/conformance): a pinned version from the Go module proxy
 export PATH="$PATH:/usr/local/go/bin"
+if ! command -v go >/dev/null 2>&1; then
+  # no Go toolchain on this machine (the reference machine has one): Debian's
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq golang-go >/dev/null
+fi
 if [ ! -x "$HOME/go/bin/h2spec" ]; then
   GOBIN=$HOME/go/bin go install github.com/summerwind/h2spec/cmd/h2spec@v2.2.1+incompatible
 fi
