@@ -9,9 +9,10 @@
 #   http1_writer.pyx   write_request_head, write_response_head, encode_chunk,
 #                      proxy_request_head, proxy_response_head
 #   protocol.pyx       Session, UpstreamConnection, Pool (the proxy's protocol objects)
+#   otlp.pyx           otlp_encode_span (finished spans to OTLP protobuf, tracing export)
 #
 # The pure-Python twins live in dispa/protocols/http1/_pure.py and dispa/proxy/session.py,
-# dispa/proxy/pool.py.
+# dispa/proxy/pool.py, dispa/observability/tracing_otlp.py.
 
 cdef extern from *:
     """
@@ -28,6 +29,7 @@ cdef extern from *:
 include "http1_parser.pyx"
 include "http1_writer.pyx"
 include "protocol.pyx"
+include "otlp.pyx"
 
 # Last, on purpose: dispa.protocols.http1/__init__ imports names from this module, so they
 # must all exist before the package is imported from here (circular import otherwise).

@@ -297,6 +297,22 @@ class Redactor:
             return self.target(value)
         return self.text(value)
 
+    def leaves_unsuspected(self, names: Iterable[str]) -> bool:
+        """True when :meth:`value` returns every string it is given under these ``names``
+        unchanged unless :meth:`suspect` says otherwise: no field or header rule names any
+        of them. A sink with such names checks one joined string with ``suspect`` and,
+        when that is False, skips the per-value calls (the tracing sink's fast path)."""
+        for name in names:
+            n = name.lower()
+            if n in self._fields or _ALIASES.get(n, n) in self._fields:
+                return False
+            if n.startswith(_HEADER_PREFIXES):
+                if n.split(".", 3)[3].replace("_", "-") in self._headers:
+                    return False
+            elif n.startswith("header:") and n[7:] in self._headers:
+                return False
+        return True
+
     def field(self, name: str, value: Optional[str]) -> Optional[str]:
         """A record field that has a field rule, else the value unchanged (no regexes:
         for fields that cannot carry secrets, e.g. the client IP or the method)."""
@@ -317,6 +333,12 @@ class _NullRedactor(Redactor):
 
     def value(self, name: str, value: Any) -> Any:
         return value
+
+    def leaves_unsuspected(self, names: Iterable[str]) -> bool:
+        return True
+
+    def suspect(self, s: str) -> bool:
+        return False
 
 
 NULL_REDACTOR: Redactor = _NullRedactor()

@@ -57,6 +57,9 @@ log = logging.getLogger("dispa.observability.tracing")
 __all__ = ["TracingSink", "tracing_sink", "sampler_for", "known_method", "preload"]
 
 FILTER_TYPE = "dispa.plugins.builtin.tracing:Tracing"  # config/compile.py _tracing_filters
+# OTLP values (tracing_otlp.encode_span): SPAN_KIND_SERVER, SPAN_KIND_CLIENT; STATUS_CODE_*
+_SERVER, _CLIENT = 2, 3
+_UNSET, _ERROR = 0, 2
 _KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS",
                             "TRACE", "PATCH", "QUERY"))
 
@@ -127,6 +130,11 @@ class TracingSink:
         self.log_gate = (LogGate(self.errors, self.slow, CTX_KEY) if self.filtered
                          else None)
         self.redactor = build_redactor(redaction)
+        # the span attributes that carry client strings; _emit's fast path needs no rule
+        # to name them (observability/redaction.py Redactor.leaves_unsuspected)
+        self._plain = self.redactor.leaves_unsuspected(
+            ("url.path", "url.query", "url.full", "user_agent.original"))
+        self._finished = tx.FinishedSpan
         self.resource = tx.make_resource(part, ctx.worker_id)
         batch = part.get("batch") or {}
         self.batcher = tx.SpanBatcher(
@@ -203,42 +211,60 @@ class TracingSink:
     # -- span building (kept traces only) ---------------------------------------------
 
     def _emit(self, ex, tc: TraceContext, reason: str) -> None:
-        tx = self._tx
-        red = self.redactor
+        # Runs on the event loop for every kept trace: ~1 % of requests at 1 % sampling,
+        # so its cost is tracing's cost (docs/tracing.md#cost). Spans are the encoder's
+        # arguments (tracing_export.FinishedSpan): no SDK object is built here.
+        finished = self._finished
+        resource = self.resource
         start = ex.start
         t0 = ex.t0
         start_ns = int(start * 1e9)
         end_ns = int((start + (ex.duration or 0.0)) * 1e9)
         method = ex.method or "-"
-        known = known_method(method)
+        known = method in _KNOWN_METHODS
+        otel_method = method if known else "_OTHER"
+        span_name = method if known else "HTTP"
         status = ex.status or 0
-        path, _, query = (ex.target or "").partition("?")
+        target = ex.target or ""
+        path, _, query = target.partition("?")
+        ua = ex.header(b"user-agent")
+        red = self.redactor
+        # one suspect() over every client string instead of four value() calls
+        if self._plain and not red.suspect(f"{target}\0{ua}" if ua else target):
+            full_target = target or "/"
+        else:
+            path = red.value("url.path", path)
+            if query:
+                query = red.target("?" + query)[1:]
+            if ua:
+                ua = red.value("user_agent.original", ua)
+            full_target = red.value("url.full", target or "/")
         host, port = _split_host(ex.host)
+        client_ip = ex.client_ip or ""
         attrs = {
-            "http.request.method": method if known else "_OTHER",
-            "url.path": red.value("url.path", path),
+            "http.request.method": otel_method,
+            "url.path": path,
             "url.scheme": ex.scheme or "http",
             "network.protocol.name": "http",
             "network.protocol.version": (ex.version or "HTTP/1.1").removeprefix("HTTP/"),
             # the client behind trusted proxies (the filter API's resolved address) when the
             # pipeline ran; the peer otherwise
-            "client.address": getattr(ex.request, "client_ip", None) or ex.client_ip or "",
-            "network.peer.address": ex.client_ip or "",
+            "client.address": getattr(ex.request, "client_ip", None) or client_ip,
+            "network.peer.address": client_ip,
             "dispa.sampling.reason": reason,
         }
         if not known:
             attrs["http.request.method_original"] = method
         if query:
-            attrs["url.query"] = red.target("?" + query)[1:]
+            attrs["url.query"] = query
         if host:
             attrs["server.address"] = host
         if port:
             attrs["server.port"] = port
         if status:
             attrs["http.response.status_code"] = status
-        ua = ex.header(b"user-agent")
         if ua:
-            attrs["user_agent.original"] = red.value("user_agent.original", ua)
+            attrs["user_agent.original"] = ua
         if ex.bytes_in:
             attrs["http.request.body.size"] = ex.bytes_in
         if ex.bytes_out:
@@ -249,22 +275,24 @@ class TracingSink:
             attrs["dispa.route"] = ex.route
         if ex.cluster:
             attrs["dispa.cluster"] = ex.cluster
-        failed = status >= 500 or (ex.error is not None and status != 499)
-        if failed:
-            attrs["error.type"] = str(status) if status >= 500 else str(ex.error)
-        spans = [tx.span(method if known else "HTTP", tc.trace_id, tc.server_id, tc.parent_id,
-                         True, tx.SERVER, start_ns, end_ns, attrs,
-                         tx.ERROR_STATUS if status >= 500 else tx.UNSET_STATUS,
-                         self.resource)]
+        if status >= 500:
+            attrs["error.type"] = str(status)
+        elif ex.error is not None and status != 499:
+            attrs["error.type"] = str(ex.error)
+        trace_id = tc.trace_id
+        server_id = tc.server_id
+        spans = [finished((span_name, trace_id, server_id, tc.parent_id, True, _SERVER,
+                           start_ns, end_ns, attrs, _ERROR if status >= 500 else _UNSET,
+                           None), resource)]
         attempts = ex.attempts or ()
         last = len(attempts) - 1
-        full_target = red.value("url.full", ex.target or "/")
         for n, (endpoint, a, b, outcome) in enumerate(attempts):
             ep_host, ep_port = _split_host(endpoint)
+            ep_host = ep_host or ""
             cattrs = {
-                "http.request.method": method if known else "_OTHER",
-                "server.address": ep_host or "",
-                "network.peer.address": ep_host or "",
+                "http.request.method": otel_method,
+                "server.address": ep_host,
+                "network.peer.address": ep_host,
                 "url.full": f"http://{endpoint}{full_target}",
                 "network.protocol.version": "1.1",
             }
@@ -281,11 +309,10 @@ class TracingSink:
                 if status >= 500:
                     error = True
                     cattrs["error.type"] = str(status)
-            span_id = tc.client_id if n == last else new_span_id()
-            spans.append(tx.span(
-                method if known else "HTTP", tc.trace_id, span_id, tc.server_id, False,
-                tx.CLIENT, int((start + (a - t0)) * 1e9), int((start + (b - t0)) * 1e9),
-                cattrs, tx.ERROR_STATUS if error else tx.UNSET_STATUS, self.resource))
+            spans.append(finished((
+                span_name, trace_id, tc.client_id if n == last else new_span_id(), server_id,
+                False, _CLIENT, int((start + (a - t0)) * 1e9), int((start + (b - t0)) * 1e9),
+                cattrs, _ERROR if error else _UNSET, None), resource))
         self.batcher.put(spans)
         if self.metrics is not None:
             self.metrics.inc("dispa_traces_total", (("outcome", reason),))

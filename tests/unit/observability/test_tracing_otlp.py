@@ -41,7 +41,9 @@ def spans():
 def test_the_same_message_as_the_sdk_encoder():
     ss = spans()
     ours = decoded(encode_spans(ss))
-    assert ours == sdk_encode(ss)
+    assert ours == sdk_encode([s.readable() for s in ss])
+    # SDK ReadableSpans (what an extension could hand the exporter) encode the same
+    assert encode_spans([s.readable() for s in ss]) == encode_spans(ss)
     assert len(ours.resource_spans) == 2
     span = ours.resource_spans[0].scope_spans[0].spans[0]
     assert span.parent_span_id == bytes.fromhex("b7ad6b7169203331")
@@ -51,9 +53,62 @@ def test_the_same_message_as_the_sdk_encoder():
 @pytest.mark.parametrize("n", [1, 3])
 def test_each_span_alone_too(n):
     ss = spans()[:n]
-    assert decoded(encode_spans(ss)) == sdk_encode(ss)
+    assert decoded(encode_spans(ss)) == sdk_encode([s.readable() for s in ss])
 
 
 def test_an_empty_batch():
     assert encode_spans([]) == b""
     assert decoded(b"") == sdk_encode([])
+
+
+# -- the compiled twin of encode_span (_native/otlp.pyx) gives the pure twin's bytes -------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dispa import _native  # noqa: E402
+from dispa.observability import tracing_otlp  # noqa: E402
+
+compiled = getattr(_native.hotpath, "otlp_encode_span", None)
+needs_compiled = pytest.mark.skipif(
+    _native.NO_EXTENSIONS, reason="pure-twin run (DISPA_NO_EXTENSIONS): nothing compiled to compare")
+
+scalars = st.one_of(
+    st.text(max_size=300), st.booleans(), st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+    st.floats(allow_nan=False), st.binary(max_size=200), st.none())
+values = st.one_of(scalars, st.lists(st.one_of(st.text(max_size=20), st.integers(0, 1000)),
+                                     max_size=4).map(tuple))
+ids64 = st.integers(min_value=1, max_value=(1 << 64) - 1)
+
+
+@needs_compiled
+def test_the_compiled_encoder_is_built_and_in_use():
+    assert compiled is not None
+    assert tracing_otlp.IMPLEMENTATION == "compiled"
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(max_size=200), trace_id=st.integers(1, (1 << 128) - 1), span_id=ids64,
+       parent_id=st.one_of(st.just(0), ids64), remote=st.booleans(), kind=st.integers(1, 5),
+       start=st.integers(0, (1 << 64) - 1), end=st.integers(0, (1 << 64) - 1),
+       attrs=st.dictionaries(st.text(max_size=40), values, max_size=12),
+       code=st.integers(0, 2), message=st.one_of(st.none(), st.text(max_size=50)))
+def test_compiled_and_pure_span_bytes_are_identical(name, trace_id, span_id, parent_id, remote,
+                                                    kind, start, end, attrs, code, message):
+    args = (name, trace_id, span_id, parent_id, remote, kind, start, end, attrs, code, message)
+    assert compiled(*args) == tracing_otlp.encode_span(*args)
+
+
+@needs_compiled
+def test_both_twins_refuse_the_same_bad_input():
+    base = ["GET", TRACE, 1, 0, False, 2, 0, 1, {}, 0, None]
+    for i, bad in ((1, 1 << 128), (2, 1 << 64), (8, {1: "x"}), (8, {"k": object()}),
+                   (0, "\ud800")):
+        args = list(base)
+        args[i] = bad
+        with pytest.raises((OverflowError, TypeError, UnicodeEncodeError)) as pure:
+            tracing_otlp.encode_span(*args)
+        with pytest.raises((OverflowError, TypeError, UnicodeEncodeError)) as comp:
+            compiled(*args)
+        assert type(pure.value) is type(comp.value), (i, bad)
