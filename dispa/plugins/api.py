@@ -201,7 +201,7 @@ class Request:
     ``?`` (percent-encoding kept, as on the wire).
     """
 
-    __slots__ = ("method", "path", "query", "headers", "host", "client_ip", "scheme",
+    __slots__ = ("method", "_p", "_q", "headers", "host", "client_ip", "scheme",
                  "version", "route", "cluster", "endpoint", "params", "ctx", "request_id",
                  "original_target", "content_length", "chunked", "_path0", "_query0",
                  "_head", "_lz")
@@ -213,8 +213,8 @@ class Request:
         t = target.decode("latin-1") if isinstance(target, bytes) else target
         path, sep, query = t.partition("?")
         self.method = method
-        self.path = path
-        self.query = query if sep else ""
+        self._p = path
+        self._q = query if sep else ""
         self.headers = headers
         self.host = host              # normalised Host (lowercase, no port)
         self.client_ip = client_ip    # the peer, or the trusted X-Forwarded-For client
@@ -227,8 +227,8 @@ class Request:
         self.ctx: dict[str, Any] = {}  # per-request state; a filter keys it by its name
         self.request_id = request_id
         self.original_target = t
-        self._path0 = self.path
-        self._query0 = self.query
+        self._path0 = self._p
+        self._query0 = self._q
         self.content_length = content_length  # -1: none or chunked
         self.chunked = chunked
         self._head = None
@@ -244,6 +244,14 @@ class Request:
         self.method = method
         self.host = host
         self.client_ip = client_ip
+        # constants are stored at once: a slot store costs less than the lazy path's
+        # AttributeError on first read
+        self.scheme = "http"
+        self.route = None
+        self.cluster = ""
+        self.endpoint = ""
+        self.params = _NO_PARAMS
+        self._p = self._q = None  # split from the target on first use (``path``)
         self._head = (head, target, rid)
         self._lz = 0  # bit 1: path/query made; bit 2: headers made
         return self
@@ -256,12 +264,50 @@ class Request:
         lazy(self)
         return object.__getattribute__(self, name)
 
+    # path and query: properties, so that a hook assigning one before reading it is seen
+    # (the target is split first, keeping the original for ``untouched``) and a request
+    # whose hooks never touch them is never split
+
+    @property
+    def path(self) -> str:
+        p = self._p
+        if p is None:
+            self._split()
+            p = self._p
+        return p
+
+    @path.setter
+    def path(self, value: str) -> None:
+        if not self._lz & 1:
+            self._split()
+        self._p = value
+
+    @property
+    def query(self) -> str:
+        q = self._q
+        if q is None:
+            self._split()
+            q = self._q
+        return q
+
+    @query.setter
+    def query(self, value: str) -> None:
+        if not self._lz & 1:
+            self._split()
+        self._q = value
+
     def _split(self) -> None:
+        if self._lz & 1 or self._head is None:
+            return
         t = self._head[1].decode("latin-1")
         path, _, query = t.partition("?")
         self.original_target = t
-        self.path = self._path0 = path
-        self.query = self._query0 = query
+        self._path0 = path
+        self._query0 = query
+        if self._p is None:
+            self._p = path
+        if self._q is None:
+            self._q = query
         self._lz |= 1
 
     def _fill_head(self) -> None:
@@ -292,7 +338,7 @@ class Request:
     def untouched(self) -> bool:
         """Neither the target nor the headers were changed (cheap when never read)."""
         lz = self._lz
-        if lz & 1 and (self.path is not self._path0 or self.query is not self._query0):
+        if lz & 1 and (self._p is not self._path0 or self._q is not self._query0):
             return False
         return not (lz & 2 and self.headers.changed)
 
@@ -309,8 +355,7 @@ class Request:
 
 
 _LAZY = {
-    "path": Request._split, "query": Request._split, "_path0": Request._split,
-    "_query0": Request._split, "original_target": Request._split,
+    "_path0": Request._split, "_query0": Request._split, "original_target": Request._split,
     "version": Request._fill_head, "content_length": Request._fill_head,
     "chunked": Request._fill_head, "scheme": Request._defaults, "route": Request._defaults,
     "cluster": Request._defaults, "endpoint": Request._defaults, "params": Request._defaults,

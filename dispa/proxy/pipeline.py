@@ -373,7 +373,8 @@ class Plan:
         req = self.req
         chain = self.chain
         if self.response is None:
-            if req.path is not req._path0 or req.query is not req._query0:
+            # (a target no hook read or wrote is unchanged: _lz bit 1 says it was split)
+            if req._lz & 1 and (req._p is not req._path0 or req._q is not req._query0):
                 if req.target_changed():
                     self.target = req.target.encode("latin-1")
             if req.headers.changed:
