@@ -69,6 +69,11 @@ cdef class _RuntimeView:
     cdef bint lg_errors
     cdef double lg_slow
     cdef object lg_key
+    # a request-only pipeline (Pipeline.request_only: sync on_request hooks, nothing else):
+    # its SyncRunner and Pipeline._request, so the Session runs those hooks without
+    # Pipeline.start's frames (None: not such a pipeline)
+    cdef object ro_run
+    cdef object ro_request
 
 
 @cython.final

@@ -237,6 +237,10 @@ cdef int _gates_of(_RuntimeView v, object rt) except -1:
             v.tg_names[v.tg_n].p = <const unsigned char*>PyBytes_AS_STRING(name)
             v.tg_names[v.tg_n].n = PyBytes_GET_SIZE(name)
             v.tg_n += 1
+    v.ro_run = v.ro_request = None
+    if pipeline is not None and pipeline.request_only:
+        v.ro_run = pipeline.global_run
+        v.ro_request = pipeline._request
     lg = getattr(rt, "log_gate", None)
     v.log_gate = lg
     if lg is not None:
@@ -266,6 +270,37 @@ cdef bint _tg_wants(_RuntimeView v, list headers) except -1:
         v.trace_gate.low = low
         return True
     return False
+
+
+cdef object _run_sync_hooks(object runner, object req):
+    """SyncRunner.__call__ (dispa/plugins/chain.py, the spec) in C: the same counting, the
+    same 1-in-16 timed run, the same calls back into the runner when a hook answers or
+    raises."""
+    cdef tuple fns = runner.fns
+    cdef Py_ssize_t i
+    t = runner.tick + 1
+    runner.tick = t
+    if not (t & 15):
+        return runner._slow(req, (), 0)
+    runner.runs += 1
+    for i in range(len(fns)):
+        try:
+            r = fns[i](req)
+        except Exception as exc:
+            return runner._raised(req, i, exc)
+        if r is not None:
+            return runner._answered(i, r)
+    return None
+
+
+cdef bint _req_untouched(object req) except -1:
+    """Request.untouched (dispa/plugins/api.py, the spec) without a method call."""
+    lz = req._lz
+    if lz & 1 and (req._p is not req._path0 or req._q is not req._query0):
+        return False
+    if lz & 2 and req.headers.changed:
+        return False
+    return True
 
 
 cdef bint _log_wanted(Session s, _RuntimeView v, int status) except -1:
@@ -594,8 +629,20 @@ cdef class Session:
             # routing rules and filters (phases 3-6): the pipeline decides, maybe later.
             # (Tracing alone: the requests its gate passes, observability/tracing_gate.py,
             # and hosts outside the interception, which the pipeline rejects.)
-            plan = pipeline.start(self, head, host, target, self._memo_match, self.peer_ip,
-                                  self.rid)
+            if (rt.ro_run is not None and self._memo_match and not self._memo_trusted
+                    and self.tls is None):
+                # Pipeline.start's request-only branch for the common case (intercepted,
+                # plain HTTP, no X-Forwarded-For to resolve), minus its Python frames
+                req = rt.ro_request(head, host, target, self.peer_ip, self.rid)
+                r = _run_sync_hooks(rt.ro_run, req)
+                if r is None and _req_untouched(req):
+                    plan = None
+                else:
+                    plan = pipeline.request_only_plan(self, head, host, target, True,
+                                                      self.peer_ip, self.rid, req, r)
+            else:
+                plan = pipeline.start(self, head, host, target, self._memo_match,
+                                      self.peer_ip, self.rid)
             if plan is not None:
                 self.plan = plan
                 self._p_target = target

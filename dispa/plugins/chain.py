@@ -281,30 +281,40 @@ class SyncRunner:
         self.tick = 0
 
     def __call__(self, req):
+        # The compiled Session runs this same loop in C (_native/protocol.pyx
+        # _run_sync_hooks), calling _answered/_raised below: change them together.
         t = self.tick = self.tick + 1
         if not t & 15:
             return self._slow(req, (), 0)
         self.runs += 1
         i = 0
-        args = ()
         try:
             for fn in self.fns:
                 r = fn(req)
                 if r is not None:
-                    self.stopped[i] += 1
-                    return _result(self.entries[i], r)
+                    return self._answered(i, r)
                 i += 1
-        except HTTPError as exc:
+        except Exception as exc:  # noqa: BLE001 - the error strategy decides
+            return self._raised(req, i, exc)
+        return None
+
+    def _answered(self, i: int, r):
+        """Hook ``i`` of a fast run returned ``r`` (not None)."""
+        self.stopped[i] += 1
+        return _result(self.entries[i], r)
+
+    def _raised(self, req, i: int, exc: Exception):
+        """Hook ``i`` of a fast run raised: an HTTPError answers, anything else obeys the
+        plugin's error strategy (fail: answer 500; continue: run the rest)."""
+        if isinstance(exc, HTTPError):
             self.stopped[i] += 1
             self.entries[i].stats.short += 1
             return exc.to_response()
-        except Exception as exc:  # noqa: BLE001 - the error strategy decides
-            r = _failed(self.entries[i], exc, _kind(exc))
-            if r is not None:
-                self.stopped[i] += 1
-                return r
-            return self._resume(req, args, i + 1)
-        return None
+        r = _failed(self.entries[i], exc, _kind(exc))
+        if r is not None:
+            self.stopped[i] += 1
+            return r
+        return self._resume(req, (), i + 1)
 
     def _resume(self, req, args, start: int):
         # after an error with strategy "continue": the rest, counted per call

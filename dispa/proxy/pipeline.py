@@ -204,22 +204,31 @@ class Pipeline:
             return self._acme_only(session, head, host, target, client_ip, rid)
         if self.request_only:
             # only sync on_request hooks, no routes: run them here and stay on the fast
-            # path unless one answered or changed the request
+            # path unless one answered or changed the request. (The compiled Session does
+            # these steps itself for an intercepted plain-HTTP request from an untrusted
+            # peer: _native/protocol.pyx, Session._on_head.)
             req = self._request(head, host, target, client_ip, rid, session)
             r = self.global_run(req)
             if r is None and intercepted and req.untouched():
                 return None
-            plan = Plan(self, session, head, host, target, intercepted, client_ip, rid, req)
-            plan.response = r
-            if r is None and not intercepted:
-                plan._route()
-            plan._settle()
-            return plan
+            return self.request_only_plan(session, head, host, target, intercepted,
+                                          client_ip, rid, req, r)
         plan = Plan(self, session, head, host, target, intercepted, client_ip, rid)
         if self.any_async:
             plan.task = asyncio.ensure_future(plan.request_phase_async())
         else:
             plan.request_phase_sync()
+        return plan
+
+    def request_only_plan(self, session, head, host: bytes, target: bytes, intercepted: bool,
+                          client_ip: str, rid: bytes, req, r) -> "Plan":
+        """The plan of a request-only pipeline whose hooks answered (``r``) or changed
+        ``req``."""
+        plan = Plan(self, session, head, host, target, intercepted, client_ip, rid, req)
+        plan.response = r
+        if r is None and not intercepted:
+            plan._route()
+        plan._settle()
         return plan
 
     def _acme_only(self, session, head, host: bytes, target: bytes, client_ip: str,

@@ -115,3 +115,42 @@ class Garbage(Filter):
 
     def on_request(self, req):
         return 42
+
+
+class Deny(Filter):
+    """Answers 403 for targets under /deny (a short-circuit from a sync hook)."""
+
+    name = "test-deny"
+
+    def on_request(self, req):
+        if req.path.startswith("/deny"):
+            return Response(403, "denied\n")
+        return None
+
+
+class Flaky(Filter):
+    """Raises on every third call (the error strategy decides)."""
+
+    name = "test-flaky"
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        self.calls = 0
+
+    def on_request(self, req):
+        self.calls += 1
+        if not self.calls % 3:
+            raise RuntimeError("flaky")
+        return None
+
+
+class Retarget(Filter):
+    """Sets the path named by an ``x-retarget`` header, without reading the target first."""
+
+    name = "test-retarget"
+
+    def on_request(self, req):
+        path = req.headers.get("x-retarget")
+        if path:
+            req.path = path
+        return None

@@ -77,7 +77,7 @@ def pure_codec_for_edited_heads(monkeypatch):
 def run(twin: str, exchanges, *, tracing: str = "sampling_rate = 0.25", extra: str = "",
         domains: str = "[]"):
     """Send each (request, response) pair through one twin on one keep-alive connection.
-    Returns (transport log, pipeline.start calls, exchanges built, runtime)."""
+    Returns (transport log, targets that entered the pipeline, exchanges built, runtime)."""
     impl = TWINS[twin]
     loop = asyncio.new_event_loop()
     try:
@@ -99,12 +99,14 @@ def run(twin: str, exchanges, *, tracing: str = "sampling_rate = 0.25", extra: s
             runtime.log_exchange = record
         starts = []
         if runtime.pipeline is not None:
-            start = runtime.pipeline.start
+            # a request enters the pipeline when its filter-API view is made: in
+            # Pipeline.start, or by the compiled Session's request-only path
+            make = runtime.pipeline._request
 
-            def counted(*args):
-                starts.append(args[1].target)
-                return start(*args)
-            runtime.pipeline.start = counted
+            def counted(head, *args):
+                starts.append(head.target)
+                return make(head, *args)
+            runtime.pipeline._request = counted
         cluster = runtime.default_cluster
         ep = cluster.endpoints[0]
         pool = impl.Pool(loop, ep.host, ep.port, cluster.spec.pool)

@@ -120,13 +120,14 @@ class FakeServer:
 
 
 def run(twin: str, steps, *, server_extra: str = "", domains: str = "[]", peer=None,
-        idle_conns: int = 1):
+        idle_conns: int = 1, extra: str = ""):
     """Run ``steps`` against one twin; return the transport log and the final state."""
     impl = TWINS[twin]
     loop = asyncio.new_event_loop()
     try:
         snapshot = load_config_text(
-            BASE_CONFIG.format(server_extra=server_extra, domains=domains), fmt="toml").snapshot
+            BASE_CONFIG.format(server_extra=server_extra, domains=domains) + extra,
+            fmt="toml").snapshot
         runtime = build_runtime(snapshot, WorkerState(loop))
         cluster = runtime.default_cluster
         ep = cluster.endpoints[0]
@@ -400,3 +401,52 @@ def test_domain_labels_are_bounded():
         DataPlane.domain_label(plane, b"h%d.example" % i)
     assert len(plane._domains) == _DOMAIN_LABEL_LIMIT
     assert DataPlane.domain_label(plane, b"new.example") == "other"
+
+
+# -- a request-only pipeline (sync on_request hooks only): the compiled Session runs it
+# without Pipeline.start (_native/protocol.pyx _run_sync_hooks); the pure one through it
+
+PLUGINS = "".join(
+    f'\n[[plugins.plugins]]\nname = "{name}"\ntype = "tests.support.filters:{cls}"\n{more}'
+    for name, cls, more in (("noop", "Noop", ""), ("retarget", "Retarget", ""),
+                            ("flaky", "Flaky", 'error_strategy = "{flaky}"\n'),
+                            ("deny", "Deny", "")))
+
+
+def _get(target: bytes, extra: bytes = b"") -> bytes:
+    return b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n" + extra + b"\r\n"
+
+
+REQUESTS = ((b"/a?x=1", b""), (b"/deny/1", b""), (b"/b", b"X-Retarget: /moved\r\n"),
+            (b"/c?q=2", b"X-Retarget: /moved2\r\n"), (b"/d", b""), (b"/deny/2", b""),
+            (b"/e", b""), (b"/f", b""), (b"/g", b""))
+
+
+def filtered_steps(strategy: str) -> list:
+    """One GET per REQUESTS entry; the upstream answers those that reach it (the flaky
+    hook raises on requests 3, 6 and 9, which "fail" answers with 500)."""
+    steps = []
+    for i, (target, extra) in enumerate(REQUESTS):
+        steps.append(("down", _get(target, extra)))
+        local = target.startswith(b"/deny") or (strategy == "fail" and i in (2, 5, 8))
+        if not local:
+            steps.append(("up", OK))
+    return steps
+
+
+@pytest.mark.parametrize("strategy", ["continue", "fail"])
+def test_twins_agree_on_a_request_only_pipeline(strategy):
+    plugins = PLUGINS.format(flaky=strategy)
+    steps = filtered_steps(strategy)
+    compiled = run("compiled", steps, extra=plugins)
+    assert compiled == run("pure", steps, extra=plugins)
+    up = b"".join(e[2] for e in compiled if e[:2] == ("up0", "write"))
+    down = b"".join(e[2] for e in compiled if e[:2] == ("down", "write"))
+    # the hook that wrote the path without reading it was obeyed, the query kept
+    assert b"GET /moved2?q=2 HTTP/1.1" in up
+    assert (b"GET /moved HTTP/1.1" in up) == (strategy == "continue")
+    assert b"GET /a?x=1 HTTP/1.1" in up and b"GET /f HTTP/1.1" in up  # untouched ones
+    assert b"/deny" not in up  # answered by the hook, never sent upstream
+    assert down.count(b"HTTP/1.1 200 ") == (7 if strategy == "continue" else 5)
+    assert down.count(b"HTTP/1.1 403 ") == (2 if strategy == "continue" else 1)
+    assert down.count(b"HTTP/1.1 500 ") == (0 if strategy == "continue" else 3)
