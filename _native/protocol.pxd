@@ -74,6 +74,11 @@ cdef class _RuntimeView:
     # Pipeline.start's frames (None: not such a pipeline)
     cdef object ro_run
     cdef object ro_request
+    # what _new_request needs to make the Request view itself: the pipeline's memo of
+    # normalised hosts, pipeline.py's memo of method strings, the Request class
+    cdef dict ro_hostnames
+    cdef dict ro_methods
+    cdef object ro_cls
 
 
 @cython.final

@@ -154,3 +154,14 @@ class Retarget(Filter):
         if path:
             req.path = path
         return None
+
+
+class Record(Filter):
+    """Keeps every request view it sees (class-level ``seen``; tests clear it)."""
+
+    name = "test-record"
+    seen: list = []
+
+    def on_request(self, req):
+        Record.seen.append(req)
+        return None

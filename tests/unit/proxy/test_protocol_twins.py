@@ -450,3 +450,49 @@ def test_twins_agree_on_a_request_only_pipeline(strategy):
     assert down.count(b"HTTP/1.1 200 ") == (7 if strategy == "continue" else 5)
     assert down.count(b"HTTP/1.1 403 ") == (2 if strategy == "continue" else 1)
     assert down.count(b"HTTP/1.1 500 ") == (0 if strategy == "continue" else 3)
+
+
+VIEW_FIELDS = ("method", "host", "client_ip", "scheme", "route", "cluster", "endpoint",
+               "params", "path", "query", "original_target", "version", "content_length",
+               "chunked", "request_id", "ctx")
+
+
+def test_the_compiled_request_view_has_every_field_of_the_python_one(monkeypatch):
+    # the compiled Session makes the Request view itself (_native/protocol.pyx
+    # _new_request); the pure one through Pipeline._request / Request._of_head
+    from tests.support.filters import Record
+    plugins = '\n[[plugins.plugins]]\nname = "rec"\ntype = "tests.support.filters:Record"\n'
+    steps = [("down", _get(b"/v/1?a=b&c", b"Cookie: k=v\r\n")), ("up", OK),
+             ("down", b"POST /v/2 HTTP/1.0\r\nHost: Other.Example:8080\r\n"
+                      b"Content-Length: 2\r\nConnection: keep-alive\r\n\r\nhi"), ("up", OK),
+             ("down", b"DELETE /v/3 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"0\r\n\r\n"), ("up", OK)]
+    steps = steps + steps  # the second time, host and method are memoised: made in C
+    from dispa.proxy.pipeline import Pipeline
+    python_made = []
+    make = Pipeline._request
+
+    def counted(self, *args, **kw):
+        python_made.append(args[2])
+        return make(self, *args, **kw)
+    monkeypatch.setattr(Pipeline, "_request", counted)
+    views = {}
+    made = {}
+    for twin in TWINS:
+        Record.seen = []
+        python_made.clear()
+        run(twin, steps, extra=plugins)
+        made[twin] = list(python_made)
+        views[twin] = [(tuple(getattr(r, f) for f in VIEW_FIELDS), r.headers.raw, r.untouched())
+                       for r in Record.seen]
+    assert len(views["compiled"]) == 6
+    assert views["compiled"] == views["pure"]
+    assert len(made["pure"]) == 6
+    assert 0 < len(made["compiled"]) < 6  # only the first of each host went through Python
+    first = dict(zip(VIEW_FIELDS, views["compiled"][0][0]))
+    assert (first["method"], first["path"], first["query"], first["host"]) == (
+        "GET", "/v/1", "a=b&c", "h")
+    second = dict(zip(VIEW_FIELDS, views["compiled"][1][0]))
+    assert (second["host"], second["version"], second["content_length"]) == (
+        "other.example", "1.0", 2)
+    assert dict(zip(VIEW_FIELDS, views["compiled"][2][0]))["chunked"] is True
