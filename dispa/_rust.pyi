@@ -105,3 +105,34 @@ class Maglev:
     def lookup_bounded(self, key: bytes, loads: Sequence[int], factor: float) -> int:
         """Bounded-load lookup along the table walk; same rule and errors as
         ``Ring.lookup_bounded``."""
+
+@final
+class HpackEncoder:
+    """HPACK encoder (RFC 7541) with the ``hpack.Encoder`` API as ``h2`` uses it
+    (dispa/protocols/http2/hpack_codec.py installs it on an ``H2Connection``)."""
+    def __new__(cls) -> HpackEncoder: ...
+    header_table_size: int
+    """The dynamic table's maximum size (capped at 4096); setting it owes the peer a size
+    update at the start of the next block."""
+    def encode(self, headers: object, huffman: bool = True) -> bytes:
+        """A header block for ``headers``: (name, value) tuples (``hpack``'s
+        ``NeverIndexedHeaderTuple`` stays never-indexed), or a dict (pseudo-headers first)."""
+    def dynamic_table(self) -> list[tuple[bytes, bytes]]:
+        """The dynamic table, newest entry first (tests)."""
+
+@final
+class HpackDecoder:
+    """HPACK decoder with the ``hpack.Decoder`` API as ``h2`` uses it; errors are the
+    ``hpack`` library's exception types."""
+    def __new__(cls, max_header_list_size: int = ...) -> HpackDecoder: ...
+    header_table_size: int
+    max_allowed_table_size: int
+    max_header_list_size: int
+    def decode(self, data: bytes, raw: bool = False) -> list[tuple[str, str]] | list[tuple[bytes, bytes]]:
+        """The header list of one block: decoded strings, or bytes with ``raw``."""
+    def dynamic_table(self) -> list[tuple[bytes, bytes]]:
+        """The dynamic table, newest entry first (tests)."""
+
+def h2_check_headers(headers: Sequence[tuple[bytes, bytes]], kind: int) -> str | None:
+    """Why a received header list is malformed (RFC 9113 §8.2/§8.3, the decisions of
+    ``h2``'s inbound validation), or None. ``kind``: 0 request, 1 response, 2 trailers."""

@@ -34,6 +34,7 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from dispa.errors import UpstreamError
+from dispa.protocols.http2 import hpack_codec
 
 log = logging.getLogger("dispa.h2.upstream")
 
@@ -49,6 +50,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                                         validate_outbound_headers=False,
                                         normalize_outbound_headers=False)
         self.conn = h2.connection.H2Connection(config=cfg)
+        hpack_codec.install(self.conn)  # compiled HPACK when built (h2's header checks kept)
         s = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(client=True, initial_values={
             s.ENABLE_PUSH: 0, s.INITIAL_WINDOW_SIZE: _WINDOW,

@@ -55,6 +55,7 @@ from collections import deque
 import h2.events
 import h2.exceptions
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 
 from dispa.protocols.http1 import DATA, END, HEAD, NEED_DATA, ProtocolError, ResponseParser
@@ -199,8 +200,7 @@ class BridgeStream(StreamBase):
 
     # ---- the transport API the Session uses
     def get_extra_info(self, name, default=None):
-        t = self.h2s.transport
-        return t.get_extra_info(name, default) if t is not None else default
+        return self.h2s.extra_info(name, default)
 
     def set_write_buffer_limits(self, high=None, low=None) -> None:
         pass  # the stream's own limit is stream_buffer_bytes
@@ -276,7 +276,7 @@ class BridgeStream(StreamBase):
         elif not self.req_ended:
             # answered before the request body ended: stop the client (RFC 9113 §8.1)
             self.h2s.end_early(self)
-        asyncio.get_running_loop().call_soon(self._lost, None)
+        self.h2s._loop.call_soon(self._lost, None)
 
     def abort(self) -> None:
         if self.closed:
@@ -284,7 +284,7 @@ class BridgeStream(StreamBase):
         self.closed = True
         if not self.done:
             self._reset(ErrorCodes.INTERNAL_ERROR)
-        asyncio.get_running_loop().call_soon(self._lost, None)
+        self.h2s._loop.call_soon(self._lost, None)
 
     def write_eof(self) -> None:
         self.close()
@@ -299,7 +299,11 @@ class BridgeStream(StreamBase):
     def _lost(self, exc) -> None:
         if not self.lost_sent:
             self.lost_sent = True
-            self.sess.connection_lost(exc)
+            sess = self.sess
+            # the Session holds this stream as its transport: dropping our reference ends
+            # the cycle, so both go with their reference counts, not the cyclic GC
+            self.sess = None
+            sess.connection_lost(exc)
 
 
 def _response_headers(status: int, raw) -> list:
@@ -331,6 +335,7 @@ class H2Session(asyncio.Protocol):
         self._scheduled = False
         self._loop = None
         self._handoff = None  # how a stream is served: proxy.grpc.route_stream or None
+        self._extra: dict = {}  # transport extra info by name (extra_info)
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport, *, upgrade: tuple | None = None) -> None:
@@ -373,6 +378,16 @@ class H2Session(asyncio.Protocol):
                 st.on_connection_lost()
             except Exception:  # noqa: BLE001 - one stream must not stop the others
                 log.exception("stream cleanup failed")
+
+    def extra_info(self, name, default=None):
+        """The transport's ``get_extra_info``, asked once per connection and name (each
+        stream's Session asks for the peer address)."""
+        try:
+            value = self._extra[name]
+        except KeyError:
+            t = self.transport
+            value = self._extra[name] = t.get_extra_info(name) if t is not None else None
+        return default if value is None else value
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -432,18 +447,32 @@ class H2Session(asyncio.Protocol):
         self.deadline = 0.0
         pseudo = {}
         fields = []
-        for n, v in headers:
+        prio = None
+        # HTTP/1.1 bytes are built from these fields (BridgeStream): names and values were
+        # checked on receipt (RFC 9113 §8.2.1, no CR/LF/NUL, no uppercase/space/colon in
+        # names, H2Core.receive: h2's validation or hpack_codec.check_headers), and an
+        # h2c upgrade's by the HTTP/1.1 parser
+        cookies = None
+        for h in headers:
+            n, v = h
             if n[:1] == b":":
                 pseudo[n] = v
-            else:
-                fields.append((n, v))
+                continue
+            if n == b"cookie":
+                if cookies is None:
+                    cookies = [v]
+                else:
+                    cookies.append(v)
+                continue
+            if n == b"priority":
+                prio = v
+            fields.append(h)
+        if cookies is not None:
+            # split cookie fields joined back (RFC 9113 §8.2.3), last and never indexed
+            # where re-encoded: what h2's inbound normalisation does when it is on
+            fields.append(NeverIndexedHeaderTuple(b"cookie", b"; ".join(cookies)))
         method = pseudo.get(b":method", b"")
         path = pseudo.get(b":path", b"")
-        for n, v in fields:
-            # HTTP/1.1 bytes are built from these: never let CR/LF/NUL through (§8.2.1)
-            if b"\r" in v or b"\n" in v or b"\x00" in v:
-                self._reset_id(sid, ErrorCodes.PROTOCOL_ERROR)
-                return
         if method == b"CONNECT":
             # RFC 8441 extended CONNECT (:protocol websocket) when advertised; a plain
             # CONNECT, or :protocol without our SETTINGS_ENABLE_CONNECT_PROTOCOL (§3), is
@@ -468,10 +497,6 @@ class H2Session(asyncio.Protocol):
                 st = self._bridge(sid, pseudo, fields, ended, method, path)
         if st is None:
             return
-        prio = None
-        for n, v in fields:
-            if n == b"priority":
-                prio = v
         if prio is not None:
             st.urgency, st.incremental = parse_priority(prio)
         st.authority = pseudo.get(b":authority") or b""

@@ -19,9 +19,14 @@
 //! ```
 
 pub mod bounded;
+pub mod hpack;
+pub mod hpack_check;
+mod hpack_tables;
 pub mod maglev;
 pub mod ring;
 
+#[cfg(feature = "python")]
+mod hpack_py;
 #[cfg(feature = "python")]
 mod py_maglev;
 #[cfg(feature = "python")]
@@ -37,6 +42,9 @@ use pyo3::prelude::*;
 fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<py_ring::PyRing>()?;
     m.add_class::<py_maglev::PyMaglev>()?;
+    m.add_class::<hpack_py::PyHpackEncoder>()?;
+    m.add_class::<hpack_py::PyHpackDecoder>()?;
+    m.add_function(wrap_pyfunction!(hpack_py::h2_check_headers, m)?)?;
     m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

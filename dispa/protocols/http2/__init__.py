@@ -25,6 +25,9 @@ on top of it, still without I/O:
   GOAWAY carries ENHANCE_YOUR_CALM (0xb); the session counts ``dispa_h2_abuse_total{kind}``.
 
 - :func:`parse_priority`: RFC 9218 ``priority`` field values (``u=0..7``, ``i``).
+- :mod:`~dispa.protocols.http2.hpack_codec`: the compiled HPACK codec and received-header
+  checks H2Core uses instead of the ``hpack`` library and ``h2``'s validation when
+  ``dispa._rust`` is built (docs/http2.md, "Compiled HPACK and header checks").
 
 The asyncio side (streams, the request pipeline, backpressure) is
 :mod:`dispa.proxy.h2_session`.
@@ -41,6 +44,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+
+from dispa.protocols.http2 import hpack_codec
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PRIORITY_UPDATE = 0x10  # RFC 9218 §7.1 frame type
@@ -116,12 +121,15 @@ class H2Core:
 
     def __init__(self, limits: H2Limits, *, client_side: bool = False):
         self.limits = limits
+        # inbound header checks: h2's, or the same decisions compiled (hpack_codec.py)
+        h2_checks = hpack_codec.check_headers is None
         cfg = h2.config.H2Configuration(client_side=client_side, header_encoding=None,
-                                        validate_inbound_headers=True,
-                                        normalize_inbound_headers=True,
+                                        validate_inbound_headers=h2_checks,
+                                        normalize_inbound_headers=h2_checks,
                                         validate_outbound_headers=False,
                                         normalize_outbound_headers=False)
         self.conn = h2.connection.H2Connection(config=cfg)
+        hpack_codec.install(self.conn)  # compiled HPACK when built (hpack_codec.py)
         s = h2.settings.SettingCodes
         initial = {
             s.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
@@ -177,9 +185,16 @@ class H2Core:
                 raise Abuse("continuation_flood", f"{len(pending)} frames in one header block")
         now = self.clock()
         control = 0
+        check = hpack_codec.check_headers
         for ev in events:
             t = type(ev)
-            if t is h2.events.StreamReset and ev.remote_reset:
+            if check is not None and t in _HEADER_EVENTS:
+                why = check(ev.headers, _HEADER_EVENTS[t])
+                if why is not None:
+                    # what h2's own validation does: a connection error
+                    self.conn.close_connection(ErrorCodes.PROTOCOL_ERROR)
+                    raise h2.exceptions.ProtocolError(why)
+            elif t is h2.events.StreamReset and ev.remote_reset:
                 if self._resets.hit(now):
                     raise Abuse("rapid_reset", "too many RST_STREAM frames")
             elif t in _CONTROL_EVENTS:
@@ -202,6 +217,14 @@ class H2Core:
         return self.conn.data_to_send()
 
 
+# header events and the kind of block their headers are (hpack_codec.check_headers)
+_HEADER_EVENTS = {
+    h2.events.RequestReceived: hpack_codec.REQUEST,
+    h2.events.PushedStreamReceived: hpack_codec.REQUEST,
+    h2.events.ResponseReceived: hpack_codec.RESPONSE,
+    h2.events.InformationalResponseReceived: hpack_codec.RESPONSE,
+    h2.events.TrailersReceived: hpack_codec.TRAILERS,
+}
 _CONTROL_EVENTS = frozenset({h2.events.PingReceived, h2.events.RemoteSettingsChanged,
                              h2.events.PriorityUpdated, h2.events.UnknownFrameReceived})
 
