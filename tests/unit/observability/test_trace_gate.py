@@ -74,6 +74,23 @@ def pure_codec_for_edited_heads(monkeypatch):
     monkeypatch.setattr(pure_session, "proxy_response_head", _pure.proxy_response_head)
 
 
+_entered: list = []  # the targets the tracing filter's on_request saw (run's "starts")
+
+
+@pytest.fixture(autouse=True)
+def count_pipeline_entries(monkeypatch):
+    # A request enters the pipeline when the tracing filter's hook runs: through
+    # Pipeline.start, or the compiled Session's request-only path. The chain binds the
+    # hook when the runtime is built, after this patch.
+    from dispa.plugins.builtin.tracing import Tracing
+    hook = Tracing.on_request
+
+    def counted(self, req):
+        _entered.append(req._head[1])
+        return hook(self, req)
+    monkeypatch.setattr(Tracing, "on_request", counted)
+
+
 def run(twin: str, exchanges, *, tracing: str = "sampling_rate = 0.25", extra: str = "",
         domains: str = "[]"):
     """Send each (request, response) pair through one twin on one keep-alive connection.
@@ -97,16 +114,8 @@ def run(twin: str, exchanges, *, tracing: str = "sampling_rate = 0.25", extra: s
                 built.append((ex.status, ex.target))
                 dispatch(ex)
             runtime.log_exchange = record
-        starts = []
-        if runtime.pipeline is not None:
-            # a request enters the pipeline when its filter-API view is made: in
-            # Pipeline.start, or by the compiled Session's request-only path
-            make = runtime.pipeline._request
-
-            def counted(head, *args):
-                starts.append(head.target)
-                return make(head, *args)
-            runtime.pipeline._request = counted
+        starts = _entered
+        starts.clear()
         cluster = runtime.default_cluster
         ep = cluster.endpoints[0]
         pool = impl.Pool(loop, ep.host, ep.port, cluster.spec.pool)
@@ -127,7 +136,7 @@ def run(twin: str, exchanges, *, tracing: str = "sampling_rate = 0.25", extra: s
                 conn.data_received(response)
             log.append(("state", session.state, session.requests))
         runtime.test_sinks = state.observers.sinks
-        return log, starts, built, runtime
+        return log, list(starts), built, runtime
     finally:
         loop.close()
 
