@@ -211,9 +211,19 @@ class TracingSink:
     # -- span building (kept traces only) ---------------------------------------------
 
     def _emit(self, ex, tc: TraceContext, reason: str) -> None:
-        # Runs on the event loop for every kept trace: ~1 % of requests at 1 % sampling,
-        # so its cost is tracing's cost (docs/tracing.md#cost). Spans are the encoder's
-        # arguments (tracing_export.FinishedSpan): no SDK object is built here.
+        # On the event loop for every kept trace: only the queueing. The Exchange record
+        # holds per-request objects that nothing changes after the exchange ended, so
+        # the spans are built from it later, in the export thread, a batch at a time
+        # (SpanBatcher.put_deferred; docs/tracing.md#cost).
+        self.batcher.put_deferred(self._spans, (ex, tc, reason), 1 + len(ex.attempts or ()))
+        if self.metrics is not None:
+            self.metrics.inc("dispa_traces_total", (("outcome", reason),))
+            self._report()
+
+    def _spans(self, ex, tc: TraceContext, reason: str) -> list:
+        """The SERVER span and one CLIENT span per upstream attempt of a kept exchange
+        (export thread). Spans are the encoder's arguments (tracing_export.FinishedSpan):
+        no SDK object is built here."""
         finished = self._finished
         resource = self.resource
         start = ex.start
@@ -313,10 +323,7 @@ class TracingSink:
                 span_name, trace_id, tc.client_id if n == last else new_span_id(), server_id,
                 False, _CLIENT, int((start + (a - t0)) * 1e9), int((start + (b - t0)) * 1e9),
                 cattrs, _ERROR if error else _UNSET, None), resource))
-        self.batcher.put(spans)
-        if self.metrics is not None:
-            self.metrics.inc("dispa_traces_total", (("outcome", reason),))
-            self._report()
+        return spans
 
     def _report(self) -> None:
         """The export thread's counters into the worker's metrics (loop thread only)."""

@@ -334,6 +334,21 @@ class SpanBatcher:
                                         daemon=True)
         self._thread.start()
 
+    def put_deferred(self, build, args: tuple, n: int) -> None:
+        """Queue the ``n`` spans ``build(*args)`` will return, built in the export thread
+        (event loop; never blocks): the loop appends one tuple, and the spans of a whole
+        batch are built together, with the interpreter's caches warm, instead of one
+        request at a time between two system calls. ``args`` must not change afterwards.
+        One such entry counts as one of ``max_queue_size``; beyond it, its ``n`` spans
+        are dropped and counted."""
+        q = self.queue
+        if len(q) >= self.max_queue_size:
+            self.dropped += n
+            return
+        q.append((build, args, n))
+        if len(q) >= self.max_batch:
+            self._wake.set()
+
     def put(self, spans) -> None:
         """Queue finished spans (event loop; never blocks)."""
         q = self.queue
@@ -360,12 +375,20 @@ class SpanBatcher:
                 batch = []
                 pop = q.popleft
                 try:
-                    for _ in range(min(self.max_batch, len(q))):
-                        batch.append(pop())
+                    while q and len(batch) < self.max_batch:
+                        item = pop()
+                        if type(item) is tuple:  # put_deferred: build the spans now
+                            try:
+                                batch.extend(item[0](*item[1]))
+                            except Exception:  # noqa: BLE001 - one bad record, not the batch
+                                log.exception("building spans failed")
+                                self.failed += item[2]
+                        else:
+                            batch.append(item)
                 except IndexError:  # pragma: no cover - only this thread pops
                     pass
                 if not batch:
-                    break
+                    continue
                 try:
                     result = self.exporter.export(batch)
                 except Exception:  # noqa: BLE001 - a broken collector must not kill us

@@ -126,16 +126,31 @@ def cpu_per_request(config: str, *, gates: bool) -> float:
         runtime = build_runtime(load_config_text(config, fmt="toml").snapshot, state)
         for sink in state.observers.sinks:
             if isinstance(sink, TracingSink):
-                # the export thread's encoding is counted (it runs on the worker's CPU),
-                # its POST is not: batches are encoded here, as the thread would
+                # the export thread's work (building the kept exchanges' spans, encoding
+                # them) is counted: it runs on the worker's CPU; its POST is not
                 queued: list = []
 
-                def put(spans, queued=queued):
+                def export(queued=queued):
+                    spans = []
+                    for item in queued:
+                        if type(item) is tuple:
+                            spans.extend(item[0](*item[1]))
+                        else:
+                            spans.append(item)
+                    encode_spans(spans)
+                    queued.clear()
+
+                def put(spans, queued=queued, export=export):
                     queued.extend(spans)
                     if len(queued) >= 512:
-                        encode_spans(queued)
-                        queued.clear()
+                        export()
+
+                def put_deferred(build, args, n, queued=queued, export=export):
+                    queued.append((build, args))
+                    if len(queued) >= 256:
+                        export()
                 sink.batcher.put = put
+                sink.batcher.put_deferred = put_deferred
         if not gates:
             runtime.log_gate = None
             if runtime.pipeline is not None:
