@@ -375,8 +375,12 @@ class SpanBatcher:
                 batch = []
                 pop = q.popleft
                 try:
-                    while q and len(batch) < self.max_batch:
-                        item = pop()
+                    while q:
+                        item = q[0]  # only this thread pops: the head stays put
+                        n = item[2] if type(item) is tuple else 1
+                        if batch and len(batch) + n > self.max_batch:
+                            break
+                        pop()
                         if type(item) is tuple:  # put_deferred: build the spans now
                             try:
                                 batch.extend(item[0](*item[1]))

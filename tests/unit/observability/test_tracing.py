@@ -278,6 +278,30 @@ def test_a_failing_exporter_is_counted_not_raised():
     b.close(1)
 
 
+def test_deferred_entries_are_built_in_the_export_thread_and_bounded():
+    exp = SlowExporter()
+    b = SpanBatcher(exp, max_queue_size=3, max_export_batch_size=4, schedule_delay=600)
+    built_in = []
+
+    def build(*xs):
+        built_in.append(threading.current_thread().name)
+        if xs[0] == "bad":
+            raise ValueError("broken record")
+        return list(xs)
+    b.put_deferred(build, ("a1", "a2"), 2)
+    b.put_deferred(build, ("bad", "x"), 2)
+    b.put_deferred(build, ("b1", "b2", "b3"), 3)
+    b.put_deferred(build, ("c1",), 1)  # the queue holds 3 entries: dropped, counted
+    assert b.dropped == 1 and built_in == []  # nothing built on the caller's thread yet
+    exp.gate.set()
+    b._wake.set()
+    assert b.flush(5)
+    assert [x for batch in exp.batches for x in batch] == ["a1", "a2", "b1", "b2", "b3"]
+    assert all(len(batch) <= 4 for batch in exp.batches)
+    assert b.exported == 5 and b.failed == 2  # the broken record's spans
+    b.close(1)
+
+
 # -- configuration -------------------------------------------------------------------------
 
 BASE = '''
