@@ -496,3 +496,22 @@ def test_the_compiled_request_view_has_every_field_of_the_python_one(monkeypatch
     assert (second["host"], second["version"], second["content_length"]) == (
         "other.example", "1.0", 2)
     assert dict(zip(VIEW_FIELDS, views["compiled"][2][0]))["chunked"] is True
+
+
+@pytest.mark.parametrize("config", [
+    dict(server_extra='trusted_proxies = ["10.0.0.0/8"]'),
+    dict(domains='["example.com"]'),
+    dict(peer=("2001:db8::1", 1, 0, 0)),
+], ids=["trusted", "intercept_miss", "ipv6_peer"])
+def test_twins_agree_on_a_request_only_pipeline_off_its_fast_path(config):
+    # trusted peers (X-Forwarded-For resolved) and hosts outside the interception go
+    # through Pipeline.start in both twins; an IPv6 peer takes the compiled path
+    plugins = PLUGINS.format(flaky="continue")
+    steps = [("down", _get(b"/a", b"X-Forwarded-For: 192.0.2.9\r\n")), ("up", OK),
+             ("down", _get(b"/deny/x")), ("down", _get(b"/b", b"X-Retarget: /moved\r\n")),
+             ("up", OK)]
+    compiled = run("compiled", steps, extra=plugins, **config)
+    assert compiled == run("pure", steps, extra=plugins, **config)
+    down = b"".join(e[2] for e in compiled if e[:2] == ("down", "write"))
+    if "domains" not in config:
+        assert down.count(b"HTTP/1.1 403 ") == 1
