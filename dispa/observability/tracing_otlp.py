@@ -229,8 +229,10 @@ def encode_spans(spans) -> bytes:
 
 def _encode_finished(spans) -> bytes | None:
     """The fast path for a batch of FinishedSpans of one scope (Dispa's own: the export
-    thread's every batch): per span, one encoder call. None when a span is not one."""
-    groups: dict[int, tuple] = {}  # id(resource) -> (resource, [encoded Span fields])
+    thread's every batch): per span, one encoder call and its field prefix written inline
+    (about a quarter less time per span than the general path). None when a span is not
+    one."""
+    groups: dict[int, tuple] = {}  # as _wrap takes them, with one scope
     enc = _encode_span
     small = _SMALL
     scope = None
@@ -245,23 +247,12 @@ def _encode_finished(spans) -> bytes | None:
         r = s.resource
         g = groups.get(id(r))
         if g is None:
-            g = groups[id(r)] = (r, [])
+            g = groups[id(r)] = (r, {id(scope): (scope, [])})
         b = enc(*args)
         n = len(b)
-        g[1].extend((b"\x12", small[n] if n < 0x80 else (
+        g[1][id(scope)][1].extend((b"\x12", small[n] if n < 0x80 else (
             bytes(((n & 0x7F) | 0x80, n >> 7)) if n < 0x4000 else _varint(n)), b))
-    if scope is None:
-        return b""
-    head = _ld(b"\x0a", _scope(scope))
-    tail = _ld(b"\x1a", scope.schema_url.encode("utf-8")) if scope.schema_url else b""
-    out = []
-    for r, encoded in groups.values():
-        body = [_ld(b"\x0a", _encoded_resource(r)),
-                _ld(b"\x12", head + b"".join(encoded) + tail)]
-        if r.schema_url:
-            body.append(_ld(b"\x1a", r.schema_url.encode("utf-8")))
-        out.append(_ld(b"\x0a", b"".join(body)))
-    return b"".join(out)
+    return _wrap(groups)
 
 
 def _encode_general(spans) -> bytes:
@@ -273,7 +264,6 @@ def _encode_general(spans) -> bytes:
                 encode_spans as sdk_encode,
             )
             return sdk_encode([readable(x) for x in spans]).SerializePartialToString()
-    # group: resource -> scope -> encoded spans, in order of first appearance
     groups: dict[int, tuple] = {}
     for s in spans:
         r = s.resource
@@ -285,6 +275,12 @@ def _encode_general(spans) -> bytes:
         if sg is None:
             sg = g[1][id(sc)] = (sc, [])
         sg[1].append(_ld(b"\x12", _span(s)))
+    return _wrap(groups)
+
+
+def _wrap(groups: dict) -> bytes:
+    """ResourceSpans around encoded Span fields grouped as ``{id(resource): (resource,
+    {id(scope): (scope, [bytes, ...])})}``, in order of first appearance."""
     out = []
     for r, scopes in groups.values():
         body = [_ld(b"\x0a", _encoded_resource(r))]
