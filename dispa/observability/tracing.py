@@ -27,9 +27,10 @@ Tracing has two halves, split so that an unsampled request costs almost nothing:
    not-sampled flag (or none at all for a parentless request), so the upstream's own spans
    may be missing from it.
 
-Spans are built with explicit start/end timestamps (Exchange.start + monotonic offsets of
-the attempts) and handed to a SpanBatcher (tracing_export.py): exporting runs in its own
-thread, never on the request path; ``flush`` on graceful shutdown exports what is queued.
+A kept exchange is queued as is (SpanBatcher.put_deferred, tracing_export.py): its spans
+are built with explicit start/end timestamps (Exchange.start + monotonic offsets of the
+attempts), encoded and exported in the batcher's thread, a batch at a time, never on the
+request path; ``flush`` on graceful shutdown exports what is queued.
 
 The CLIENT span whose id went upstream in the ``traceparent`` is the *last* attempt's:
 Dispa retries only when nothing was sent (connect failures), so the earlier attempts never
@@ -214,7 +215,7 @@ class TracingSink:
         # On the event loop for every kept trace: only the queueing. The Exchange record
         # holds per-request objects that nothing changes after the exchange ended, so
         # the spans are built from it later, in the export thread, a batch at a time
-        # (SpanBatcher.put_deferred; docs/tracing.md#cost).
+        # (SpanBatcher.put_deferred; docs/tracing.md#cost-on-the-request-path).
         self.batcher.put_deferred(self._spans, (ex, tc, reason), 1 + len(ex.attempts or ()))
         if self.metrics is not None:
             self.metrics.inc("dispa_traces_total", (("outcome", reason),))
