@@ -19,6 +19,7 @@ from dispa.observability.tracing import TracingSink
 from dispa.observability.tracing_gate import LogGate, TraceGate, log_gate_of
 from dispa.proxy.runtime import WorkerState, build_runtime
 from tests.unit.proxy.test_protocol_twins import TWINS, FakeServer, FakeTransport, hotpath
+from tests.support.span_catcher import Caught
 
 CONFIG = """
 [server]
@@ -46,26 +47,6 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 ERR = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\nno"
 TP = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 SEED = 0x5EED
-
-
-class Caught:
-    def __init__(self):
-        self.spans = []
-        self.exported = self.failed = self.dropped = 0
-
-    def put(self, spans):
-        self.spans.extend(spans)
-
-    def put_deferred(self, build, args, n):
-        spans = build(*args)
-        assert len(spans) == n
-        self.spans.extend(spans)
-
-    def flush(self):
-        pass
-
-    def close(self, timeout=0.0):
-        pass
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from dispa.plugins.api import BuildContext, Headers, Request
 from dispa.plugins.builtin.tracing import Tracing
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
+from tests.support.span_catcher import Caught
 
 TRACE = 0x0af7651916cd43dd8448eb211c80319c
 TP = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -29,25 +30,6 @@ def part(**kw) -> dict:
     data = msgspec.to_builtins(TracingConfig(enabled=True, **kw))
     data["endpoint"] = "http://127.0.0.1:9/v1/traces"  # never reached: spans are caught
     return data
-
-
-class Caught:
-    """Stands in for the SpanBatcher: keeps what the sink queues."""
-
-    def __init__(self):
-        self.spans = []
-        self.exported = self.failed = self.dropped = 0
-
-    def put(self, spans):
-        self.spans.extend(spans)
-
-    def put_deferred(self, build, args, n):
-        spans = build(*args)
-        assert len(spans) == n
-        self.spans.extend(spans)
-
-    def close(self):
-        pass
 
 
 @pytest.fixture
