@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import http.client
 import json
 import os
@@ -15,10 +16,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+_recent_ports: collections.deque = collections.deque(maxlen=256)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now, and not one this process handed out
+    recently: the kernel may give the same ephemeral port to two bind(0) calls in a row
+    once the first socket is closed (a test's proxy and admin ports then collided)."""
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _recent_ports:
+            _recent_ports.append(port)
+            return port
+    raise RuntimeError("no fresh loopback port in 64 tries")
 
 
 def render_config(*, port: int, admin_port: int, targets: list[tuple[str, str]] | list,
