@@ -15,35 +15,7 @@ import hpack
 
 from dispa.protocols.http2 import H2Limits
 from dispa.proxy.h2_session import H2Session, StreamBase
-
-
-class Transport:
-    def __init__(self):
-        self.data = bytearray()
-
-    def get_extra_info(self, name, default=None):
-        return ("127.0.0.1", 5555) if name == "peername" else default
-
-    def set_write_buffer_limits(self, high=None, low=None):
-        pass
-
-    def get_write_buffer_size(self):
-        return 0
-
-    def write(self, data):
-        self.data += data
-
-    def can_write_eof(self):
-        return False
-
-    def close(self):
-        pass
-
-    abort = close
-
-    def take(self):
-        out, self.data = bytes(self.data), bytearray()
-        return out
+from tests.unit.protocols.test_h2_session import Transport
 
 
 class Stream(StreamBase):
