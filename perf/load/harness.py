@@ -45,8 +45,16 @@ BODY64 = "d" * 63 + "\n"          # 64 bytes
 BODY4K = "k" * 4096                # 4096 bytes (served as two 2048-byte halves)
 
 ALL_SCENARIOS = ["ka64", "ka4k", "conn", "lat2k", "mem"]
+# Opt-in scenarios (never in the default list):
+# "pair64": ka64 against the first proxy of --proxies and each other one *at the same time*,
+# both on the proxy CPUs, each with its own wrk. The two share the core and whatever the
+# neighbours on this VM do to it in that second, so their cost ratio (CPU µs per request)
+# is free of the round-to-round drift that sequential rounds suffer. See _measure_pair.
+EXTRA_SCENARIOS = ["pair64"]
 KNOWN_PROXIES = ["dispa", "nginx", "haproxy", "dispa-filters", "dispa-tracing-1pct",
-                 "dispa-access-log"]
+                 "dispa-access-log", "dispa-control"]
+# "dispa-control": a second Dispa with the very same config as "dispa" (an A/A control: its
+# ratio to "dispa" shows how far this machine's noise alone moves a ratio).
 # "dispa-tracing-1pct": Dispa with [observability.tracing] at sampling_rate = 0.01, exporting
 # OTLP/HTTP to tests/support/otlp_receiver.py; its ratio to "dispa" in the same run is the
 # cost of tracing (issue #10: throughput >= 0.95). docs/tracing.md#overhead.
@@ -55,7 +63,7 @@ TRACING_1PCT = """
 enabled = true
 exporter = "otlp_http"
 endpoint = "http://127.0.0.1:{receiver_port}/v1/traces"
-sampling_rate = 0.01
+sampling_rate = {rate}
 """
 # "dispa-access-log": Dispa writing the combined-format access log (docs/logging.md#cost).
 ACCESS_LOG = """
@@ -65,7 +73,7 @@ directory = "{directory}"
 enabled = true
 format = "combined"
 """
-VARIANTS_OF_DISPA = ("dispa-filters", "dispa-tracing-1pct", "dispa-access-log")
+VARIANTS_OF_DISPA = ("dispa-filters", "dispa-tracing-1pct", "dispa-access-log", "dispa-control")
 # "dispa-filters": Dispa with FILTER_COUNT no-op sync filters in the global chain; its
 # ratio to "dispa" in the same run is the filter API's cost (issue: >= 0.85 throughput).
 FILTER_COUNT = 10
@@ -544,6 +552,8 @@ class Config:
     ready_timeout: float = 20.0
     keep_tmp: bool = False
     warmup: float = 1.0
+    tracing_rate: float = 0.01  # "dispa-tracing-1pct"'s sampling_rate (--tracing-rate)
+    awake: bool = True   # lat2k: keep the CPUs out of idle (cpus_awake) while measuring
 
 
 def _measure_wrk(srv: Server, layout: Layout, cfg: Config, path: str, close: bool) -> dict:
@@ -567,6 +577,82 @@ def _measure_lat(srv_port: int, root_pid: int | None, pacer: str, layout: Layout
     if root_pid:
         out["cpu_us_per_req"] = (c1 - c0) / r["completed"] if r["completed"] else None
     return out
+
+
+class cpus_awake:
+    """Keep the given CPUs busy with SCHED_IDLE spinners for the duration of a ``with``.
+
+    A vCPU that goes idle halts, and waking it costs the guest a VM entry: on this VM that
+    puts 300-1,000 µs into the P95 of *every* server at 2,000 req/s (nginx direct included),
+    so the latency rows measured the hypervisor. A SCHED_IDLE task runs only when nothing else
+    wants the CPU and is preempted at once by any wakeup, so the CPU never halts and the
+    servers' latency is their own. The spinners end by themselves after ``limit_s``."""
+
+    _CODE = ("import os,time\n"
+             "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+             "end = time.monotonic() + {limit}\n"
+             "while time.monotonic() < end:\n"
+             "    pass\n")
+
+    def __init__(self, cpus: list[int], limit_s: float, enabled: bool = True):
+        self.cpus, self.limit_s, self.enabled = cpus, limit_s, enabled
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self):
+        if self.enabled and hasattr(os, "SCHED_IDLE"):
+            for c in self.cpus:
+                self.procs.append(subprocess.Popen(
+                    ["taskset", "-c", str(c), sys.executable, "-c",
+                     self._CODE.format(limit=float(self.limit_s))],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait(timeout=10)
+        self.procs.clear()
+
+
+def _measure_pair(ref: Server, cand: Server, layout: Layout, cfg: Config) -> tuple[dict, dict]:
+    """ka64 against two proxies at once (EXTRA_SCENARIOS "pair64"): each proxy's CPU time and
+    requests over the same seconds. ``cost_ratio`` (candidate CPU µs/request over the
+    reference's) is the inverse of their single-core throughput ratio; ``rps_per_core`` is
+    1e6 / cpu_us_per_req, the throughput a proxy would reach with a core to itself."""
+    import threading
+    out: dict = {}
+
+    def one(key: str, srv: Server) -> None:
+        try:
+            out[key] = run_wrk(srv.port, "/", cfg.duration, cfg.conns, layout.wrk_threads,
+                               layout.cpuset("load"))
+        except Exception as e:  # noqa: BLE001
+            out[key] = e
+
+    c0 = (tree_cpu_us(ref.proc.pid), tree_cpu_us(cand.proc.pid))
+    ts = [threading.Thread(target=one, args=("ref", ref)), threading.Thread(target=one, args=("cand", cand))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=cfg.duration + 60)
+    c1 = (tree_cpu_us(ref.proc.pid), tree_cpu_us(cand.proc.pid))
+    for k in ("ref", "cand"):
+        if not isinstance(out.get(k), dict):
+            raise RuntimeError(f"pair64 {k}: {out.get(k)}")
+    res = []
+    for i, k in enumerate(("ref", "cand")):
+        r = out[k]
+        cpu = c1[i] - c0[i]
+        per = cpu / r["requests"] if r["requests"] else None
+        res.append({"rps": r["rps"], "requests": r["requests"], "errors": r["errors"],
+                    "cpu_us_per_req": per, "rps_per_core": 1e6 / per if per else None,
+                    "cpu_us": cpu, "duration_s": r["duration_us"] / 1e6, "wrk": r})
+    a, b = res
+    if a["cpu_us_per_req"] and b["cpu_us_per_req"]:
+        b["cost_ratio"] = b["cpu_us_per_req"] / a["cpu_us_per_req"]
+        b["throughput_ratio"] = a["cpu_us_per_req"] / b["cpu_us_per_req"]
+    return a, b
 
 
 def _measure_mem(srv: Server, pacer: str, layout: Layout, cfg: Config) -> dict:
@@ -612,7 +698,10 @@ def start_servers(cfg: Config, layout: Layout, tmp: str, workers: int) -> tuple[
                 log(f"otlp-receiver FAILED: {receiver.error}")
             servers["otlp-receiver"] = receiver  # stopped with the proxies, never measured
             s = make_dispa(tmp, layout, workers, backend.port, None, cfg.dispa_env,
-                           name=name, extra=TRACING_1PCT.format(receiver_port=receiver.port))
+                           name=name, extra=TRACING_1PCT.format(receiver_port=receiver.port,
+                                                           rate=cfg.tracing_rate))
+        elif name == "dispa-control":
+            s = make_dispa(tmp, layout, workers, backend.port, None, cfg.dispa_env, name=name)
         elif name == "dispa-access-log":
             s = make_dispa(tmp, layout, workers, backend.port, None, cfg.dispa_env, name=name,
                            extra=ACCESS_LOG.format(directory=os.path.join(tmp, name)))
@@ -671,10 +760,15 @@ def run_rounds(cfg: Config, on_round: Callable[[int, dict], None] | None = None)
         for r in range(cfg.rounds):
             rd: dict = {"round": r + 1, "results": {n: {} for n in live}}
             for sc in cfg.scenarios:
+                if sc == "pair64":
+                    _pair_round(rd, r, live, servers, layout, cfg)
+                    continue
                 if sc == "lat2k":
                     try:
-                        rd["results"].setdefault("direct", {})["lat2k"] = _measure_lat(
-                            backend.port, None, pacer, layout, cfg)
+                        with cpus_awake(layout.proxy_cpus + layout.load_cpus, cfg.duration + 60,
+                                        cfg.awake):
+                            rd["results"].setdefault("direct", {})["lat2k"] = _measure_lat(
+                                backend.port, None, pacer, layout, cfg)
                     except Exception as e:  # noqa: BLE001
                         rd["results"].setdefault("direct", {})["lat2k"] = {"error": str(e)}
                 for n in live:
@@ -690,7 +784,9 @@ def run_rounds(cfg: Config, on_round: Callable[[int, dict], None] | None = None)
                         elif sc == "conn":
                             res = _measure_wrk(s, layout, cfg, "/", True)
                         elif sc == "lat2k":
-                            res = _measure_lat(s.port, s.proc.pid, pacer, layout, cfg)
+                            with cpus_awake(layout.proxy_cpus + layout.load_cpus, cfg.duration + 60,
+                                            cfg.awake):
+                                res = _measure_lat(s.port, s.proc.pid, pacer, layout, cfg)
                             d = rd["results"].get("direct", {}).get("lat2k", {})
                             for k in ("p50_us", "p95_us", "p99_us", "p999_us"):
                                 if k in d:
@@ -720,6 +816,22 @@ def run_rounds(cfg: Config, on_round: Callable[[int, dict], None] | None = None)
     doc["summary"], doc["ratios"] = summarize(doc)
     doc["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return doc
+
+
+def _pair_round(rd: dict, r: int, live: list[str], servers: dict, layout: Layout, cfg: Config) -> None:
+    """pair64 for one round: the first live proxy against each of the others, in turn (the
+    reference's row keeps its last pairing; each candidate's row has its own cost_ratio)."""
+    if len(live) < 2:
+        return
+    ref = live[0]
+    for n in live[1:]:
+        try:
+            a, b = _measure_pair(servers[ref], servers[n], layout, cfg)
+        except Exception as e:  # noqa: BLE001
+            a = b = {"error": str(e)}
+            log(f"round {r + 1} pair64 {ref}+{n}: {e}")
+        rd["results"][ref]["pair64"] = a
+        rd["results"][n]["pair64"] = b
 
 
 def short_round(rd: dict) -> str:
@@ -766,7 +878,7 @@ def summarize(doc: dict) -> tuple[dict, dict]:
                 continue
             for sc, ks in scs.items():
                 for k, vals in ks.items():
-                    if k.startswith(NO_RATIO_PREFIXES) or k == "errors":
+                    if k.startswith(NO_RATIO_PREFIXES) or k in ("errors", "cost_ratio", "throughput_ratio"):
                         continue
                     refv = dict(series[ref].get(sc, {}).get(k, []))
                     per = [v / refv[r] for r, v in vals if refv.get(r)]
@@ -779,6 +891,7 @@ def summarize(doc: dict) -> tuple[dict, dict]:
 METRIC_ORDER = {
     "ka64": ["rps", "cpu_us_per_req", "errors"],
     "ka4k": ["rps", "cpu_us_per_req", "errors"],
+    "pair64": ["rps", "cpu_us_per_req", "rps_per_core", "cost_ratio", "throughput_ratio", "errors"],
     "conn": ["rps", "cpu_us_per_req", "errors"],
     "lat2k": ["p50_us", "p95_us", "p99_us", "p999_us", "added_p50_us", "added_p95_us", "added_p99_us",
               "added_p999_us", "cpu_us_per_req", "achieved_rps", "errors"],

@@ -26,7 +26,8 @@ def parse_args(argv=None):
     ap.add_argument("--duration", type=float, default=None, help="seconds per measurement (default 5; --quick 2)")
     ap.add_argument("--workers", type=int, default=1, help="workers/threads for every proxy (default 1)")
     ap.add_argument("--proxies", default="dispa,nginx,haproxy", help="comma list of dispa,nginx,haproxy")
-    ap.add_argument("--scenarios", default=",".join(H.ALL_SCENARIOS), help="comma list of " + ",".join(H.ALL_SCENARIOS))
+    ap.add_argument("--scenarios", default=",".join(H.ALL_SCENARIOS), help="comma list of " + ",".join(H.ALL_SCENARIOS + H.EXTRA_SCENARIOS)
+                    + " (default: all but " + ",".join(H.EXTRA_SCENARIOS) + ")")
     ap.add_argument("--json", help="write the full JSON document here")
     ap.add_argument("--markdown", help="also write the Markdown table here")
     ap.add_argument("--plots", help="write PNG plots into this directory (installs matplotlib if missing)")
@@ -40,6 +41,12 @@ def parse_args(argv=None):
     ap.add_argument("--conns", type=int, default=64, help="wrk connections (default 64)")
     ap.add_argument("--lat-rate", type=float, default=2000, help="lat2k constant rate req/s (default 2000)")
     ap.add_argument("--lat-conns", type=int, default=16, help="pacer keep-alive connections (default 16)")
+    ap.add_argument("--tracing-rate", type=float, default=0.01,
+                    help="sampling_rate of the dispa-tracing-1pct variant (default 0.01; other values "
+                         "show how its cost scales with the traces kept)")
+    ap.add_argument("--no-awake", action="store_true",
+                    help="lat2k: let the CPUs idle between requests (default: SCHED_IDLE spinners keep "
+                         "them awake, harness.cpus_awake)")
     ap.add_argument("--mem-conns", type=int, default=None, help="idle connections for mem (default 10000; quick 2000)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir with configs and logs")
     ap.add_argument("--replot", metavar="JSON", help="no load: re-render the Markdown (and --plots) from a "
@@ -61,11 +68,12 @@ def make_config(a, workers: int, scenarios: list[str]) -> H.Config:
         if p not in H.KNOWN_PROXIES:
             raise SystemExit(f"unknown proxy {p!r}; known: {H.KNOWN_PROXIES}")
     for s in scenarios:
-        if s not in H.ALL_SCENARIOS:
-            raise SystemExit(f"unknown scenario {s!r}; known: {H.ALL_SCENARIOS}")
+        if s not in H.ALL_SCENARIOS + H.EXTRA_SCENARIOS:
+            raise SystemExit(f"unknown scenario {s!r}; known: {H.ALL_SCENARIOS + H.EXTRA_SCENARIOS}")
     return H.Config(proxies=proxies, scenarios=scenarios, rounds=a.rounds, duration=a.duration, workers=workers,
                     conns=a.conns, lat_rate=a.lat_rate, lat_conns=a.lat_conns, mem_conns=a.mem_conns,
-                    dispa_cmd=a.dispa_cmd, dispa_env=env, keep_tmp=a.keep_tmp,
+                    dispa_cmd=a.dispa_cmd, dispa_env=env, keep_tmp=a.keep_tmp, awake=not a.no_awake,
+                    tracing_rate=a.tracing_rate,
                     warmup=1.0 if a.quick else 2.0)
 
 
