@@ -62,6 +62,7 @@ cdef class _RuntimeView:
     # TraceGate (None: every request enters the pipeline) as C values, and the runtime's
     # LogGate (None: every exchange is built)
     cdef object trace_gate
+    cdef object tg_start         # trace_gate.start, or None (the filter must run)
     cdef unsigned long long tg_bound
     cdef Slice tg_names[3]
     cdef int tg_n
@@ -146,6 +147,7 @@ cdef class Session:
     # upstream attempts for the log phase, kept only when log sinks are configured
     cdef double t_up           # start of the current upstream attempt
     cdef list attempts         # failed attempts: (endpoint_id, start, end, outcome)
+    cdef object trace          # a trace this Session started (tracing_gate.TraceGate.start)
 
     cdef int _reset_exchange(self) except -1
     cdef int _set_cluster(self, object cluster) except -1

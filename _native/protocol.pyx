@@ -197,6 +197,10 @@ cdef class RequestIds:
 # -- tracing gates (dispa/observability/tracing_gate.py, the executable spec) ---------------
 
 cdef unsigned long long _tg_state = 1
+cdef enum:  # tracing_gate.SKIP, PARENT, DRAWN
+    _TG_SKIP = 0
+    _TG_PARENT = 1
+    _TG_DRAWN = 2
 
 
 cdef inline unsigned long long _tg_draw() noexcept:
@@ -231,7 +235,9 @@ cdef int _gates_of(_RuntimeView v, object rt) except -1:
     gate = getattr(pipeline, "trace_gate", None) if pipeline is not None else None
     v.trace_gate = gate
     v.tg_n = 0
+    v.tg_start = None
     if gate is not None:
+        v.tg_start = gate.start
         v.tg_bound = gate.bound
         for name in gate.names[:3]:  # TraceGate.names is a tuple of bytes: it outlives v
             v.tg_names[v.tg_n].p = <const unsigned char*>PyBytes_AS_STRING(name)
@@ -257,9 +263,9 @@ cdef int _gates_of(_RuntimeView v, object rt) except -1:
     return 0
 
 
-cdef bint _tg_wants(_RuntimeView v, list headers) except -1:
-    """TraceGate.wants in C: a propagation header, or a draw below the ratio bound (left in
-    the gate for the filter)."""
+cdef int _tg_check(_RuntimeView v, list headers) except -1:
+    """TraceGate.check in C: _TG_PARENT for a propagation header, _TG_DRAWN for a draw below
+    the ratio bound (left in the gate), else _TG_SKIP."""
     cdef Py_ssize_t i, j, n
     cdef tuple item
     cdef bytes k
@@ -271,12 +277,12 @@ cdef bint _tg_wants(_RuntimeView v, list headers) except -1:
         for j in range(v.tg_n):
             if _ieq(<const unsigned char*>PyBytes_AS_STRING(k), n,
                     <const char*>v.tg_names[j].p, v.tg_names[j].n):
-                return True
+                return _TG_PARENT
     low = _tg_draw()
     if low < v.tg_bound:
         v.trace_gate.low = low
-        return True
-    return False
+        return _TG_DRAWN
+    return _TG_SKIP
 
 
 cdef object _run_sync_hooks(object runner, object req):
@@ -345,6 +351,8 @@ cdef bint _log_wanted(Session s, _RuntimeView v, int status) except -1:
     if v.lg_errors and status >= 500:
         return True
     if v.lg_slow > 0 and _now() - s.t0 >= v.lg_slow:
+        return True
+    if s.trace is not None:
         return True
     plan = s.plan
     if v.lg_key is not None and plan is not None:
@@ -471,6 +479,7 @@ cdef class Session:
         self.req_bytes = 0
         self.resp_bytes = 0
         self.attempts = None
+        self.trace = None
         return 0
 
     cdef int _set_cluster(self, object cluster) except -1:
@@ -661,8 +670,24 @@ cdef class Session:
 
         self.keep_alive = head.keep_alive and not self.close_after
         self._set_cluster(rt.default_cluster)
+        cdef int passed = _TG_SKIP
+        cdef list headers
+        if rt.trace_gate is not None and self._memo_match:
+            passed = _tg_check(rt, head.headers)
+            if passed == _TG_DRAWN and rt.tg_start is not None and not self._memo_trusted:
+                # a new trace with only traceparent to write: no pipeline (tracing_gate.py)
+                started = rt.tg_start(rt.trace_gate.take())
+                if started is None:
+                    passed = _TG_SKIP  # the rate limit said no: an untraced request
+                else:
+                    self.trace = (<tuple>started)[0]
+                    headers = list(head.headers)
+                    headers.append((b"traceparent", (<tuple>started)[1]))
+                    self.up_head = self._upstream_head(head, target, host_hdr, authority,
+                                                       headers)
+                    return self._choose_and_connect()
         if pipeline is not None and (rt.trace_gate is None or not self._memo_match
-                                     or _tg_wants(rt, head.headers)):
+                                     or passed != _TG_SKIP):
             # routing rules and filters (phases 3-6): the pipeline decides, maybe later.
             # (Tracing alone: the requests its gate passes, observability/tracing_gate.py,
             # and hosts outside the interception, which the pipeline rejects.)
@@ -1603,7 +1628,8 @@ cdef object _exchange_of(Session s, int status):
             attempts.append((ep_id, s.t_up, now, "ok"))
     return make_exchange(s.t0, now, s.peer_ip, s.head, s.domain, status, s.req_bytes,
                          s.resp_bytes, s.rid, s.cluster, ep_id, attempts, s.plan,
-                         None if status < 500 and status != 499 else str(status))
+                         None if status < 500 and status != 499 else str(status), "http", None,
+                         s.trace)
 
 
 # -- upstream connections and pools -----------------------------------------------------------

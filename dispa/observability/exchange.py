@@ -42,13 +42,15 @@ class Exchange:
     empty when no upstream was tried (local answers). ``request_headers`` are the client's
     raw ``(name, value)`` byte pairs as received (casing kept). ``request`` is the filter
     API's :class:`~dispa.plugins.api.Request` when the pipeline ran (its ``ctx`` carries
-    filter state, e.g. the tracing context), else None.
+    filter state, e.g. the tracing context), else None. ``trace`` is the TraceContext of a
+    trace the Session started itself, without the pipeline (observability/tracing_gate.py),
+    else None.
     """
 
     __slots__ = ("start", "t0", "duration", "client_ip", "method", "target", "version",
                  "host", "domain", "status", "bytes_in", "bytes_out", "request_headers",
                  "request_id", "route", "cluster", "endpoint", "attempts", "error",
-                 "request", "scheme", "tls")
+                 "request", "scheme", "tls", "trace")
 
     def __init__(self, **kw: Any):
         for k in self.__slots__:
@@ -86,7 +88,7 @@ class Exchange:
 def make_exchange(t0: float, now: float, client_ip: str, head, domain: str, status: int,
                   bytes_in: int, bytes_out: int, rid: bytes, cluster, endpoint: str,
                   attempts, plan, error: Optional[str], scheme: str = "http",
-                  tls: Optional[dict] = None) -> Exchange:
+                  tls: Optional[dict] = None, trace=None) -> Exchange:
     """Build the record from the Session's state (both twins call this).
 
     Cheap by construction (docs/logging.md#cost; ~0.5 us): slot stores of values the
@@ -122,6 +124,7 @@ def make_exchange(t0: float, now: float, client_ip: str, head, domain: str, stat
     ex.error = error
     ex.scheme = scheme
     ex.tls = tls
+    ex.trace = trace
     ex._h = head
     ex._rid = rid
     ex._cl = cluster

@@ -152,13 +152,14 @@ class TracingSink:
     # -- the per-request call --------------------------------------------------------
 
     def __call__(self, ex) -> None:
-        req = ex.request
-        tc = None
-        if req is not None:
-            try:
-                tc = req.ctx.get(CTX_KEY)
-            except AttributeError:
-                tc = None
+        tc = ex.trace  # a trace the Session started itself (tracing_gate.TraceGate.start)
+        if tc is None:
+            req = ex.request
+            if req is not None:
+                try:
+                    tc = req.ctx.get(CTX_KEY)
+                except AttributeError:
+                    tc = None
         if tc is not None and tc.sampled:
             reason = "head"
         else:

@@ -11,15 +11,21 @@ the compiled one in C, dispa/proxy/session.py in Python), decide that without a 
    names in the parsed head (``traceparent``; ``b3`` and ``x-b3-traceid`` with B3) and,
    when none is there, draws the low 64 bits of a new trace id itself (:func:`draw`: a
    xorshift64* per worker). Only a request with a header, or whose draw is below the
-   sampler's ratio bound, enters the pipeline; the draw is left in ``TraceGate.low`` and the
-   filter uses it as the trace id's low half, so the ratio is applied once (the OpenTelemetry
-   TraceIdRatioBased rule on the id actually sent) and the rate limit is still taken by the
-   filter's Sampler.
+   sampler's ratio bound, goes on; the draw is the trace id's low half, so the ratio is
+   applied once (the OpenTelemetry TraceIdRatioBased rule on the id actually sent) and the
+   rate limit is still taken by the filter's Sampler. A request with a parent header enters
+   the pipeline (the filter continues the trace). A drawn one, when the filter only writes
+   ``traceparent`` (W3C propagation alone), does not: the Session calls
+   :attr:`TraceGate.start` with the draw, and for a kept trace adds the header to the
+   upstream head itself and carries the TraceContext to the log phase on the Exchange
+   (``Exchange.trace``). That skips the filter-API Request, the hook and the Plan, most of
+   what a kept trace cost on the event loop. With B3 to write, the draw is left in
+   ``TraceGate.low`` and the request enters the pipeline, whose filter uses it.
 2. **Log gate** (:func:`log_gate_of`, ``Runtime.log_gate``): when every log-phase sink
    declares the only exchanges it can use (``sink.log_gate``, a :class:`LogGate`), the
    Session builds the Exchange record only for those: status >= 500 (``errors``), a
-   duration >= ``slow`` seconds, or a request whose filter state (``req.ctx``) holds
-   ``ctx_key``. One sink without a gate (access log, traffic log, custom metrics) means
+   duration >= ``slow`` seconds, a trace the Session started itself, or a request whose
+   filter state (``req.ctx``) holds ``ctx_key``. One sink without a gate (access log, traffic log, custom metrics) means
    every exchange is built, as before.
 
 Rule: both gates only *prefilter*; the filter and the sink still make the decision (the
@@ -31,9 +37,13 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["TraceGate", "LogGate", "log_gate_of", "draw", "seed", "MASK64"]
+__all__ = ["TraceGate", "LogGate", "log_gate_of", "draw", "seed", "MASK64", "SKIP", "PARENT",
+           "DRAWN"]
 
 MASK64 = (1 << 64) - 1
+#: TraceGate.check's answers: nothing to trace; a parent header (the pipeline continues the
+#: trace); a draw below the bound (a new trace, decided by ``start`` or the filter)
+SKIP, PARENT, DRAWN = 0, 1, 2
 
 
 class TraceGate:
@@ -42,16 +52,20 @@ class TraceGate:
     ``bound``: a new trace is sampled when the low 64 bits of its id are below it (the
     Sampler's bound, always < 2**64 here: at ratio 1.0 there is no gate). ``names``: the
     lower-case header names that carry a parent. ``low``: the draw the Session made for the
-    request it is passing on (-1: none; the filter then draws its own)."""
+    request it is passing on (-1: none; the filter then draws its own). ``start``: when not
+    None, ``start(low)`` begins a new trace for a drawn request without the filter and
+    returns ``(TraceContext, traceparent value)``, or None when the sampler's rate limit
+    says no (then the request is not traced)."""
 
-    __slots__ = ("bound", "names", "low")
+    __slots__ = ("bound", "names", "low", "start")
 
-    def __init__(self, bound: int, names: tuple[bytes, ...]):
+    def __init__(self, bound: int, names: tuple[bytes, ...], start=None):
         if not 0 <= bound <= MASK64:
             raise ValueError("bound must fit in 64 bits")
         self.bound = bound
         self.names = names
         self.low = -1
+        self.start = start
 
     def take(self) -> int:
         """The Session's pending draw for this request, or -1; clears it."""
@@ -59,18 +73,23 @@ class TraceGate:
         self.low = -1
         return low
 
-    def wants(self, headers) -> bool:
-        """The pure Session's check (the compiled one does the same in C): True when the
-        request must enter the pipeline; a sampling draw is left in ``low``."""
+    def check(self, headers) -> int:
+        """The pure Session's check (the compiled one does the same in C): PARENT when a
+        propagation header is there, else DRAWN when a draw is below the bound (the draw
+        is left in ``low``), else SKIP."""
         names = self.names
         for k, _ in headers:
             if len(k) <= 12 and k.lower() in names:
-                return True
+                return PARENT
         low = draw()
         if low < self.bound:
             self.low = low
-            return True
-        return False
+            return DRAWN
+        return SKIP
+
+    def wants(self, headers) -> bool:
+        """True when tracing has something to do for a request with these headers."""
+        return self.check(headers) != SKIP
 
 
 class LogGate:

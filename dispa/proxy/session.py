@@ -42,6 +42,7 @@ import time
 
 from dispa.errors import UpstreamError
 from dispa.observability.exchange import make_exchange
+from dispa.observability.tracing_gate import DRAWN, SKIP
 from dispa.proxy.forwarding import BadTarget, forwarding_headers, split_absolute_form
 from dispa.protocols.http1 import (
     DATA, END, HEAD, LAST_CHUNK, NEED_DATA, UPGRADE, ProtocolError, RequestParser,
@@ -148,6 +149,7 @@ class Session(asyncio.Protocol):
         self._p_args = None  # (target, authority) of the head waiting for the plan
         self._stash_rh = None  # a response head waiting for async response hooks
         self.attempts = None  # failed upstream attempts, kept only when log sinks exist
+        self.trace = None  # a trace this Session started (tracing_gate.TraceGate.start)
         self.t_up = 0.0  # start of the current upstream attempt
         self.set_cookie = None  # sticky cookie to add to the response (bytes) or None
         self.req_bytes = 0  # request body bytes received (dispa_received_bytes_total)
@@ -317,7 +319,23 @@ class Session(asyncio.Protocol):
         self.keep_alive = head.keep_alive and not self.close_after
         self.cluster = rt.default_cluster
         gate = pipeline.trace_gate if pipeline is not None else None
-        if pipeline is not None and (gate is None or not intercepted or gate.wants(head.headers)):
+        passed = SKIP
+        if gate is not None and intercepted:
+            passed = gate.check(head.headers)
+            if (passed == DRAWN and gate.start is not None
+                    and not rt.trusted.contains(self.peer_ip)):
+                # a new trace with only traceparent to write: no pipeline (tracing_gate.py)
+                started = gate.start(gate.take())
+                if started is None:
+                    passed = SKIP  # the rate limit said no: an untraced request
+                else:
+                    self.trace = started[0]
+                    headers = list(head.headers)
+                    headers.append((b"traceparent", started[1]))
+                    self._build_upstream_head(target, authority, headers)
+                    self._choose_and_connect()
+                    return
+        if pipeline is not None and (gate is None or not intercepted or passed != SKIP):
             # routing rules and filters (phases 3-6): the pipeline decides, maybe later.
             # (Tracing alone: the requests its gate passes, observability/tracing_gate.py,
             # and hosts outside the interception, which the pipeline rejects.)
@@ -1065,6 +1083,8 @@ class Session(asyncio.Protocol):
             return True
         if gate.slow and time.monotonic() - self.t0 >= gate.slow:
             return True
+        if self.trace is not None:
+            return True
         plan = self.plan
         return (gate.ctx_key is not None and plan is not None
                 and plan.req.ctx.get(gate.ctx_key) is not None)
@@ -1081,4 +1101,5 @@ class Session(asyncio.Protocol):
         return make_exchange(self.t0, now, self.peer_ip, self.head, self.domain, status,
                              self.req_bytes, self.resp_bytes, self.rid, self.cluster, ep_id,
                              attempts, self.plan,
-                             None if status < 500 and status != 499 else str(status))
+                             None if status < 500 and status != 499 else str(status),
+                             "http", None, self.trace)

@@ -25,6 +25,7 @@ CONFIG = """
 [server]
 bind_address = "127.0.0.1:18080"
 workers = 1
+{server}
 [domains]
 intercept_domains = {domains}
 [[targets.targets]]
@@ -78,16 +79,19 @@ def count_pipeline_entries(monkeypatch):
 
 
 def run(twin: str, exchanges, *, tracing: str = "sampling_rate = 0.25", extra: str = "",
-        domains: str = "[]"):
+        domains: str = "[]", server: str = "", prepare=None):
     """Send each (request, response) pair through one twin on one keep-alive connection.
     Returns (transport log, targets that entered the pipeline, exchanges built, runtime)."""
     impl = TWINS[twin]
     loop = asyncio.new_event_loop()
     try:
-        snapshot = load_config_text(CONFIG.format(tracing=tracing, extra=extra, domains=domains),
+        snapshot = load_config_text(CONFIG.format(tracing=tracing, extra=extra, domains=domains,
+                                                  server=server),
                                     fmt="toml").snapshot
         state = WorkerState(loop)
         runtime = build_runtime(snapshot, state)
+        if prepare is not None:
+            prepare(runtime)
         for sink in state.observers.sinks:
             if isinstance(sink, TracingSink):
                 sink.batcher.close(0.1)
@@ -148,27 +152,88 @@ def numbered(n: int, response: bytes = OK):
 
 
 @pytest.mark.parametrize("twin", sorted(TWINS))
-def test_only_sampled_draws_enter_the_pipeline_and_their_draw_is_the_trace_id(twin):
+def test_sampled_draws_start_their_trace_without_the_pipeline(twin):
     log, starts, built, runtime = run(twin, numbered(40))
     gate = runtime.pipeline.trace_gate
     assert isinstance(gate, TraceGate) and gate.names == (b"traceparent",)
+    assert gate.start is not None  # W3C alone: the Session starts new traces itself
     draws = expected_draws(40)
     sampled = [i for i, d in enumerate(draws) if d < gate.bound]
     assert 3 <= len(sampled) <= 20  # ratio 0.25 over 40 draws of this seed
-    assert starts == [b"/r%d" % i for i in sampled]  # the others: no Python pipeline call
+    assert starts == []  # no request entered the pipeline: no Python filter call
     heads = upstream_heads(log)
     assert len(heads) == 40
+    sent = {}
     for i, head in enumerate(heads):
         tp = traceparent(head)
         if i in sampled:
-            # the filter used the gate's draw as the trace id's low 64 bits (ratio rule)
+            # the gate's draw is the trace id's low 64 bits (ratio rule), and the header
+            # is added once, after the client's headers
             assert tp is not None and tp.endswith(b"-01")
             assert int(tp[3:35], 16) & tracing_gate.MASK64 == draws[i]
+            assert head.lower().count(b"traceparent:") == 1
+            sent[int(tp[3:35], 16)] = int(tp[36:52], 16)
         else:
             assert tp is None
     # the log gate: only the traced exchanges are built (no errors, no slow threshold)
     assert [t for _, t in built] == ["/r%d" % i for i in sampled]
     assert gate.low == -1  # every draw passed on was taken
+    # each kept trace: a SERVER span (the root) and the CLIENT span the upstream saw
+    sink = next(s for s in runtime.test_sinks if isinstance(s, TracingSink))
+    servers = {s.context.trace_id: s for s in sink.batcher.spans if s.kind.name == "SERVER"}
+    clients = {s.context.trace_id: s for s in sink.batcher.spans if s.kind.name == "CLIENT"}
+    assert set(servers) == set(clients) == set(sent)
+    for trace_id, client_span in sent.items():
+        assert servers[trace_id].parent is None
+        assert clients[trace_id].context.span_id == client_span
+        assert clients[trace_id].parent.span_id == servers[trace_id].context.span_id
+        assert servers[trace_id].attributes["dispa.sampling.reason"] == "head"
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_with_b3_to_write_sampled_draws_enter_the_filter_which_uses_the_draw(twin):
+    log, starts, built, runtime = run(twin, numbered(40), tracing=(
+        'sampling_rate = 0.25\npropagators = ["tracecontext", "b3"]'))
+    gate = runtime.pipeline.trace_gate
+    assert gate.start is None
+    draws = expected_draws(40)
+    sampled = [i for i, d in enumerate(draws) if d < gate.bound]
+    assert starts == [b"/r%d" % i for i in sampled]
+    for i, head in enumerate(upstream_heads(log)):
+        tp = traceparent(head)
+        assert (tp is not None) == (i in sampled)
+        if tp is not None:
+            assert int(tp[3:35], 16) & tracing_gate.MASK64 == draws[i]
+            assert b"\r\nb3: " in head
+    assert [t for _, t in built] == ["/r%d" % i for i in sampled]
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_the_rate_limit_still_applies_to_traces_the_session_starts(twin):
+    def frozen_clock(runtime):
+        # a full bucket of one token that never refills, whatever the test's pace
+        sampler = next(iter(runtime.pipeline.filters.values()))[0]._sampler
+        sampler.clock = lambda: 0.0
+        sampler.last, sampler.tokens = 0.0, 1.0
+
+    log, starts, built, _ = run(twin, numbered(40), prepare=frozen_clock, tracing=(
+        "sampling_rate = 0.5\nmax_traces_per_second = 1"))
+    heads = upstream_heads(log)
+    assert len(heads) == 40 and starts == []
+    # one token: the first sampled draw is traced, the others are not
+    assert sum(traceparent(h) is not None for h in heads) == 1
+    assert len(built) == 1
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_a_trusted_peer_goes_through_the_filter(twin):
+    # the span's client.address is the filter API's resolved client behind a trusted
+    # proxy, which only the pipeline computes
+    log, starts, built, runtime = run(twin, numbered(40), server='trusted_proxies = ["0.0.0.0/0"]')
+    gate = runtime.pipeline.trace_gate
+    sampled = [i for i, d in enumerate(expected_draws(40)) if d < gate.bound]
+    assert starts == [b"/r%d" % i for i in sampled]
+    assert [t for _, t in built] == ["/r%d" % i for i in sampled]
 
 
 def test_the_twins_agree_on_gated_requests():
@@ -287,8 +352,11 @@ def test_log_gate_of_combines_or_gives_up():
 def test_trace_gate_wants_headers_or_a_low_draw():
     gate = TraceGate(0, (b"traceparent", b"b3"))
     assert gate.wants([(b"Host", b"x"), (b"B3", b"1")])
+    assert gate.check([(b"Host", b"x"), (b"B3", b"1")]) == tracing_gate.PARENT
     assert not gate.wants([(b"Host", b"x")]) and gate.low == -1
+    assert gate.check([(b"Host", b"x")]) == tracing_gate.SKIP
     gate = TraceGate(tracing_gate.MASK64, (b"traceparent",))
+    assert gate.check([]) == tracing_gate.DRAWN and gate.take() >= 0
     assert gate.wants([]) and gate.low >= 0
     assert gate.take() >= 0 and gate.take() == -1
     with pytest.raises(ValueError):
