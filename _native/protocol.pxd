@@ -62,7 +62,16 @@ cdef class _RuntimeView:
     # TraceGate (None: every request enters the pipeline) as C values, and the runtime's
     # LogGate (None: every exchange is built)
     cdef object trace_gate
-    cdef object tg_start         # trace_gate.start, or None (the filter must run)
+    cdef bint tg_new             # trace_gate.new_traces: the Session starts new traces
+    cdef object tg_allow         # trace_gate.allow (the rate limit) or None
+    cdef object tg_ctx           # tracing_context.TraceContext
+    # Runtime.trace_sink's batcher (TracingSink.put_started in C), or ts_sink None
+    cdef object ts_sink
+    cdef object ts_queue
+    cdef Py_ssize_t ts_max
+    cdef Py_ssize_t ts_batch
+    cdef object ts_wake
+    cdef object ts_build
     cdef unsigned long long tg_bound
     cdef Slice tg_names[3]
     cdef int tg_n

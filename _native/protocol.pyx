@@ -235,10 +235,14 @@ cdef int _gates_of(_RuntimeView v, object rt) except -1:
     gate = getattr(pipeline, "trace_gate", None) if pipeline is not None else None
     v.trace_gate = gate
     v.tg_n = 0
-    v.tg_start = None
+    v.tg_new = False
+    v.tg_allow = v.tg_ctx = None
     if gate is not None:
-        v.tg_start = gate.start
+        v.tg_new = gate.new_traces
+        v.tg_allow = gate.allow
         v.tg_bound = gate.bound
+        from dispa.observability.tracing_context import TraceContext
+        v.tg_ctx = TraceContext
         for name in gate.names[:3]:  # TraceGate.names is a tuple of bytes: it outlives v
             v.tg_names[v.tg_n].p = <const unsigned char*>PyBytes_AS_STRING(name)
             v.tg_names[v.tg_n].n = PyBytes_GET_SIZE(name)
@@ -254,6 +258,18 @@ cdef int _gates_of(_RuntimeView v, object rt) except -1:
         v.ro_cls = _api.Request
         global _NO_PARAMS
         _NO_PARAMS = _api._NO_PARAMS
+    v.ts_sink = v.ts_queue = v.ts_wake = v.ts_build = None
+    ts = getattr(rt, "trace_sink", None)
+    b = getattr(ts, "batcher", None)
+    q = getattr(b, "queue", None)
+    if q is not None:
+        # SpanBatcher.put_deferred's fields (TracingSink.put_started in C, _trace_put)
+        v.ts_sink = ts
+        v.ts_queue = q
+        v.ts_max = b.max_queue_size
+        v.ts_batch = b.max_batch
+        v.ts_wake = b._wake.set
+        v.ts_build = ts._started_spans
     lg = getattr(rt, "log_gate", None)
     v.log_gate = lg
     if lg is not None:
@@ -283,6 +299,44 @@ cdef int _tg_check(_RuntimeView v, list headers) except -1:
         v.trace_gate.low = low
         return _TG_DRAWN
     return _TG_SKIP
+
+
+cdef inline unsigned long long _tg_nonzero() noexcept:
+    cdef unsigned long long x = _tg_draw()
+    while not x:
+        x = _tg_draw()
+    return x
+
+
+cdef char* _HEXDIGITS = b"0123456789abcdef"
+
+
+cdef inline void _hex16(char* w, unsigned long long x) noexcept:
+    cdef int i
+    for i in range(15, -1, -1):
+        w[i] = _HEXDIGITS[x & 15]
+        x >>= 4
+
+
+cdef object _tg_start(_RuntimeView v, unsigned long long low):
+    """TraceGate.start in C: the rate limit, then the ids from the gate's generator; the
+    (TraceContext, traceparent value) pair, or None."""
+    cdef char tp[55]
+    if v.tg_allow is not None and not v.tg_allow():
+        return None
+    cdef unsigned long long high = _tg_nonzero()
+    cdef unsigned long long server = _tg_nonzero()
+    cdef unsigned long long client = _tg_nonzero()
+    trace_hi = high  # Python ints from here: the trace id has 128 bits
+    trace_lo = low
+    tc = v.tg_ctx((trace_hi << 64) | trace_lo, 0, server, client, True)
+    memcpy(tp, b"00-", 3)
+    _hex16(tp + 3, high)
+    _hex16(tp + 19, low)
+    tp[35] = 45  # '-'
+    _hex16(tp + 36, client)
+    memcpy(tp + 52, b"-01", 3)
+    return tc, PyBytes_FromStringAndSize(tp, 55)
 
 
 cdef object _run_sync_hooks(object runner, object req):
@@ -674,9 +728,9 @@ cdef class Session:
         cdef list headers
         if rt.trace_gate is not None and self._memo_match:
             passed = _tg_check(rt, head.headers)
-            if passed == _TG_DRAWN and rt.tg_start is not None and not self._memo_trusted:
+            if passed == _TG_DRAWN and rt.tg_new and not self._memo_trusted:
                 # a new trace with only traceparent to write: no pipeline (tracing_gate.py)
-                started = rt.tg_start(rt.trace_gate.take())
+                started = _tg_start(rt, rt.trace_gate.take())
                 if started is None:
                     passed = _TG_SKIP  # the rate limit said no: an untraced request
                 else:
@@ -1611,12 +1665,33 @@ cdef class Session:
             plan.log(status, None if status < 500 and status != 499 else str(status))
         sink = v.log_exchange
         if sink is not None and (v.log_gate is None or _log_wanted(self, v, status)):
-            sink(_exchange_of(self, status))
+            if self.trace is not None and v.ts_sink is not None:
+                _trace_put(v, _exchange_args(self, status))
+            else:
+                sink(make_exchange(*_exchange_args(self, status)))
         return 0
 
 
-cdef object _exchange_of(Session s, int status):
-    """The log-phase record (observability/exchange.py) of the session's exchange."""
+cdef int _trace_put(_RuntimeView v, tuple args) except -1:
+    """TracingSink.put_started (observability/tracing.py, the spec) in C: its
+    SpanBatcher.put_deferred and its count, without a Python frame."""
+    cdef list attempts = <list>args[11]
+    cdef Py_ssize_t n = 1 + (len(attempts) if attempts is not None else 0)
+    q = v.ts_queue
+    if len(q) >= v.ts_max:
+        b = v.ts_sink.batcher
+        b.dropped += n
+    else:
+        q.append((v.ts_build, args, n))
+        if len(q) >= v.ts_batch:
+            v.ts_wake()
+    ts = v.ts_sink
+    ts.started += 1
+    return 0
+
+
+cdef tuple _exchange_args(Session s, int status):
+    """make_exchange's arguments (observability/exchange.py) for the session's exchange."""
     cdef double now = _now()
     attempts = s.attempts if s.attempts is not None else []
     ep_id = None
@@ -1626,10 +1701,9 @@ cdef object _exchange_of(Session s, int status):
         last = attempts[len(attempts) - 1] if attempts else None
         if not (last is not None and last[0] == ep_id and last[1] == s.t_up):
             attempts.append((ep_id, s.t_up, now, "ok"))
-    return make_exchange(s.t0, now, s.peer_ip, s.head, s.domain, status, s.req_bytes,
-                         s.resp_bytes, s.rid, s.cluster, ep_id, attempts, s.plan,
-                         None if status < 500 and status != 499 else str(status), "http", None,
-                         s.trace)
+    return (s.t0, now, s.peer_ip, s.head, s.domain, status, s.req_bytes, s.resp_bytes, s.rid,
+            s.cluster, ep_id, attempts, s.plan,
+            None if status < 500 and status != 499 else str(status), "http", None, s.trace)
 
 
 # -- upstream connections and pools -----------------------------------------------------------

@@ -229,6 +229,13 @@ class WorkerMetrics:
         ``{(name, labels): value}`` dict (for counters kept elsewhere, e.g. plugin stats)."""
         self._collectors.append(fn)
 
+    def remove_collector(self, fn) -> None:
+        """Stop calling ``fn`` (a sink dropped by a new snapshot); unknown ``fn``: no-op."""
+        try:
+            self._collectors.remove(fn)
+        except ValueError:
+            pass
+
     def observe(self, name: str, labels: Labels, value: float,
                 bounds: tuple[float, ...]) -> None:
         """Add one observation to the histogram ``name{labels}`` with its own ``bounds``

@@ -47,7 +47,7 @@ import asyncio
 import logging
 import threading
 
-from dispa.observability.exchange import SINK_FACTORIES
+from dispa.observability.exchange import SINK_FACTORIES, make_exchange
 from dispa.observability.tracing_gate import LogGate
 from dispa.observability.tracing_context import (
     CTX_KEY, Sampler, TraceContext, extract, new_high64, new_low64, new_span_id,
@@ -145,6 +145,12 @@ class TracingSink:
             schedule_delay=float(batch.get("schedule_delay", 5.0)),
             export_timeout=float(batch.get("export_timeout", 30.0)))
         self._reported = (0, 0, 0)
+        # traces the Session started and queued itself (put_started, or the compiled
+        # Session's C twin of it); folded into dispa_traces_total when metrics are read
+        self.started = 0
+        self._started_reported = 0
+        if self.metrics is not None:
+            self.metrics.add_collector(self._collect)
 
     def same_settings(self, part: dict, redaction: dict | None) -> bool:
         return part == self.part and redaction == self.redaction
@@ -211,6 +217,29 @@ class TracingSink:
             self.metrics.inc("dispa_traces_total", (("outcome", outcome),))
 
     # -- span building (kept traces only) ---------------------------------------------
+
+    def put_started(self, args: tuple) -> None:
+        """The log phase of a trace the Session started (``Runtime.trace_sink``;
+        observability/tracing_gate.py): ``args`` are make_exchange's, ``trace`` last. The
+        Exchange is built in the export thread with the spans (:meth:`_started_spans`);
+        on the loop only the queueing and one count (the compiled Session does the same
+        in C, against the same batcher fields)."""
+        self.batcher.put_deferred(self._started_spans, args, 1 + len(args[11] or ()))
+        self.started += 1
+
+    def _started_spans(self, *args) -> list:
+        """put_started's entries, in the export thread."""
+        ex = make_exchange(*args)
+        return self._spans(ex, ex.trace, "head")
+
+    def _collect(self, counters) -> None:
+        """Metrics collector (WorkerMetrics.add_collector): the started traces and the
+        export thread's counters, since the last read."""
+        n = self.started - self._started_reported
+        if n:
+            self._started_reported += n
+            self.metrics.inc("dispa_traces_total", (("outcome", "head"),), n)
+        self._report()
 
     def _emit(self, ex, tc: TraceContext, reason: str) -> None:
         # On the event loop for every kept trace: only the queueing. The Exchange record
@@ -348,6 +377,9 @@ class TracingSink:
 
     def close(self) -> None:
         """Dropped by a new snapshot: export what is queued and stop, off the loop."""
+        if self.metrics is not None:
+            self._collect(None)
+            self.metrics.remove_collector(self._collect)
         threading.Thread(target=self.batcher.close, daemon=True,
                          name="dispa-span-close").start()
 

@@ -15,18 +15,25 @@ the compiled one in C, dispa/proxy/session.py in Python), decide that without a 
    applied once (the OpenTelemetry TraceIdRatioBased rule on the id actually sent) and the
    rate limit is still taken by the filter's Sampler. A request with a parent header enters
    the pipeline (the filter continues the trace). A drawn one, when the filter only writes
-   ``traceparent`` (W3C propagation alone), does not: the Session calls
-   :attr:`TraceGate.start` with the draw, and for a kept trace adds the header to the
-   upstream head itself and carries the TraceContext to the log phase on the Exchange
-   (``Exchange.trace``). That skips the filter-API Request, the hook and the Plan, most of
-   what a kept trace cost on the event loop. With B3 to write, the draw is left in
-   ``TraceGate.low`` and the request enters the pipeline, whose filter uses it.
+   ``traceparent`` (W3C propagation alone, ``TraceGate.new_traces``), does not: the Session
+   starts the trace itself (:meth:`TraceGate.start`: the rate limit, then the remaining ids
+   from the same generator), adds the header to the upstream head and carries the
+   TraceContext to the log phase (``Session.trace``). That skips the filter-API Request,
+   the hook and the Plan. With B3 to write, the draw is left in ``TraceGate.low`` and the
+   request enters the pipeline, whose filter uses it.
 2. **Log gate** (:func:`log_gate_of`, ``Runtime.log_gate``): when every log-phase sink
    declares the only exchanges it can use (``sink.log_gate``, a :class:`LogGate`), the
    Session builds the Exchange record only for those: status >= 500 (``errors``), a
    duration >= ``slow`` seconds, a trace the Session started itself, or a request whose
    filter state (``req.ctx``) holds ``ctx_key``. One sink without a gate (access log, traffic log, custom metrics) means
    every exchange is built, as before.
+3. **Started traces** (``Runtime.trace_sink``): when the tracing sink is the only log sink,
+   the exchange of a trace the Session started is not built on the event loop at all: the
+   Session queues make_exchange's arguments for the export thread
+   (``TracingSink.put_started``), which builds the Exchange and the spans a batch at a
+   time. On the loop a kept trace then costs a few C-level stores; run once every hundred
+   requests, the Python path it replaced ran with cold caches and cost several times its
+   warm price (docs/tracing.md#cost).
 
 Rule: both gates only *prefilter*; the filter and the sink still make the decision (the
 sampler's rate limit, the tail rules), so a gate never keeps what the sink would drop, it
@@ -36,6 +43,8 @@ only skips what the sink would ignore.
 from __future__ import annotations
 
 import os
+
+from dispa.observability.tracing_context import TraceContext
 
 __all__ = ["TraceGate", "LogGate", "log_gate_of", "draw", "seed", "MASK64", "SKIP", "PARENT",
            "DRAWN"]
@@ -52,20 +61,34 @@ class TraceGate:
     ``bound``: a new trace is sampled when the low 64 bits of its id are below it (the
     Sampler's bound, always < 2**64 here: at ratio 1.0 there is no gate). ``names``: the
     lower-case header names that carry a parent. ``low``: the draw the Session made for the
-    request it is passing on (-1: none; the filter then draws its own). ``start``: when not
-    None, ``start(low)`` begins a new trace for a drawn request without the filter and
-    returns ``(TraceContext, traceparent value)``, or None when the sampler's rate limit
-    says no (then the request is not traced)."""
+    request it is passing on (-1: none; the filter then draws its own). ``new_traces``: the
+    Session may start a new trace itself (:meth:`start`). ``allow``: the sampler's rate
+    limit (``Sampler.allow``), or None when it has none."""
 
-    __slots__ = ("bound", "names", "low", "start")
+    __slots__ = ("bound", "names", "low", "new_traces", "allow")
 
-    def __init__(self, bound: int, names: tuple[bytes, ...], start=None):
+    def __init__(self, bound: int, names: tuple[bytes, ...], new_traces: bool = False,
+                 allow=None):
         if not 0 <= bound <= MASK64:
             raise ValueError("bound must fit in 64 bits")
         self.bound = bound
         self.names = names
         self.low = -1
-        self.start = start
+        self.new_traces = new_traces
+        self.allow = allow
+
+    def start(self, low: int):
+        """A new trace for a request whose draw ``low`` passed the ratio bound:
+        ``(TraceContext, traceparent value)``, or None when the rate limit says no. The
+        high half of the trace id and both span ids come from :func:`draw` too (non-zero;
+        the compiled Session does the same in C, so the twins send the same bytes)."""
+        if self.allow is not None and not self.allow():
+            return None
+        high = _nonzero()
+        server = _nonzero()
+        client = _nonzero()
+        tc = TraceContext((high << 64) | low, 0, server, client, True)
+        return tc, b"00-%016x%016x-%016x-01" % (high, low, client)
 
     def take(self) -> int:
         """The Session's pending draw for this request, or -1; clears it."""
@@ -146,6 +169,14 @@ def draw() -> int:
     x ^= x >> 27
     _state[0] = x
     return (x * 0x2545F4914F6CDD1D) & MASK64
+
+
+def _nonzero() -> int:
+    """The next non-zero draw (span ids and the trace id's high half must not be 0)."""
+    while True:
+        v = draw()
+        if v:
+            return v
 
 
 def _reseed() -> None:

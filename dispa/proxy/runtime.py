@@ -399,6 +399,11 @@ class Runtime:
         # which exchanges the sinks can use, when they all say (tracing alone); None: all
         self.log_gate = (log_gate_of(state.observers.sinks)
                          if self.log_exchange is not None else None)
+        # the tracing sink alone: the Session queues the traces it started straight to it
+        # (TracingSink.put_started), building no Exchange on the loop
+        sinks = state.observers.sinks
+        self.trace_sink = (sinks[0] if self.log_gate is not None and len(sinks) == 1
+                           and hasattr(sinks[0], "put_started") else None)
         if state.metrics is not None:
             obs = snapshot.observability or {}
             state.metrics.configure_buckets(obs.get("histogram_buckets") or {})

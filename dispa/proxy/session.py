@@ -322,7 +322,7 @@ class Session(asyncio.Protocol):
         passed = SKIP
         if gate is not None and intercepted:
             passed = gate.check(head.headers)
-            if (passed == DRAWN and gate.start is not None
+            if (passed == DRAWN and gate.new_traces
                     and not rt.trusted.contains(self.peer_ip)):
                 # a new trace with only traceparent to write: no pipeline (tracing_gate.py)
                 started = gate.start(gate.take())
@@ -1075,7 +1075,11 @@ class Session(asyncio.Protocol):
         if sink is not None:
             gate = getattr(rt, "log_gate", None)
             if gate is None or self._log_wanted(gate, status):
-                sink(self._exchange(status))
+                ts = getattr(rt, "trace_sink", None)
+                if self.trace is not None and ts is not None:
+                    ts.put_started(self._exchange_args(status))  # tracing_gate.py, 3.
+                else:
+                    sink(make_exchange(*self._exchange_args(status)))
 
     def _log_wanted(self, gate, status: int) -> bool:
         """Whether a sink can use this exchange (observability/tracing_gate.py LogGate)."""
@@ -1089,8 +1093,8 @@ class Session(asyncio.Protocol):
         return (gate.ctx_key is not None and plan is not None
                 and plan.req.ctx.get(gate.ctx_key) is not None)
 
-    def _exchange(self, status: int):
-        """The log-phase record (observability/exchange.py) of this exchange."""
+    def _exchange_args(self, status: int) -> tuple:
+        """make_exchange's arguments for this exchange (observability/exchange.py)."""
         now = time.monotonic()
         attempts = self.attempts if self.attempts is not None else []
         ep_id = None
@@ -1098,8 +1102,7 @@ class Session(asyncio.Protocol):
             ep_id = self.cluster.endpoints[self.ep].id
             if not (attempts and attempts[-1][0] == ep_id and attempts[-1][1] == self.t_up):
                 attempts.append((ep_id, self.t_up, now, "ok"))
-        return make_exchange(self.t0, now, self.peer_ip, self.head, self.domain, status,
-                             self.req_bytes, self.resp_bytes, self.rid, self.cluster, ep_id,
-                             attempts, self.plan,
-                             None if status < 500 and status != 499 else str(status),
-                             "http", None, self.trace)
+        return (self.t0, now, self.peer_ip, self.head, self.domain, status, self.req_bytes,
+                self.resp_bytes, self.rid, self.cluster, ep_id, attempts, self.plan,
+                None if status < 500 and status != 499 else str(status), "http", None,
+                self.trace)

@@ -3,22 +3,42 @@ tests read the spans without an exporter or its thread."""
 
 from __future__ import annotations
 
+import collections
+import threading
+
 
 class Caught:
-    """Keeps the spans put (``put``) and builds deferred ones at once (``put_deferred``,
-    checking the count the sink announced)."""
+    """Keeps what is queued: spans put (``put``) and deferred entries (``put_deferred``,
+    or the compiled Session's C twin of ``TracingSink.put_started``, which appends to
+    ``queue`` as it would to a SpanBatcher's). ``spans`` builds the deferred ones on first
+    read, checking the count each entry announced."""
 
     def __init__(self):
-        self.spans = []
+        self.queue: collections.deque = collections.deque()  # (build, args, n)
+        self.max_queue_size = 1 << 30
+        self.max_batch = 1 << 30
+        self._wake = threading.Event()
+        self._spans: list = []
         self.exported = self.failed = self.dropped = 0
 
     def put(self, spans):
-        self.spans.extend(spans)
+        self._build()
+        self._spans.extend(spans)
 
     def put_deferred(self, build, args, n):
-        spans = build(*args)
-        assert len(spans) == n
-        self.spans.extend(spans)
+        self.queue.append((build, args, n))
+
+    def _build(self):
+        while self.queue:
+            build, args, n = self.queue.popleft()
+            spans = build(*args)
+            assert len(spans) == n
+            self._spans.extend(spans)
+
+    @property
+    def spans(self) -> list:
+        self._build()
+        return self._spans
 
     def flush(self, timeout=None):
         return True

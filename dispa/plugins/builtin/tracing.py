@@ -14,8 +14,8 @@ untouched, so the pipeline keeps it on its fast path (no Plan object).
 When this filter is the pipeline's only reason to exist, the Session does that check itself
 without calling the pipeline (``trace_gate``, observability/tracing_gate.py). A request
 with a parent header still comes here. A new trace, with W3C propagation alone, is started
-by the Session through ``_start`` (``TraceGate.start``) without this hook; with B3 the
-Session passes the sampled draw on and this hook uses it as the trace id's low half.
+by the Session itself (``TraceGate.start``) without this hook; with B3 the Session passes
+the sampled draw on and this hook uses it as the trace id's low half.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from dispa.config.tracing_model import TracingConfig
 from dispa.observability.tracing import sampler_for
 from dispa.observability.tracing_gate import TraceGate
 from dispa.observability.tracing_context import (
-    CTX_KEY, TraceContext, extract, format_traceparent, inject, new_high64, new_low64,
-    new_span_id,
+    CTX_KEY, TraceContext, extract, inject, new_high64, new_low64, new_span_id,
 )
 from dispa.plugins.api import BuildContext, Filter, Request
 
@@ -52,17 +51,11 @@ class Tracing(Filter):
         names = ((b"traceparent",) if self._w3c else ()) + (
             (b"b3", b"x-b3-traceid") if self._b3 else ())
         bound = self._sampler.bound
-        # W3C alone: a new trace needs one header, which the Session adds itself (start)
-        start = self._start if self._w3c and not self._b3 else None
-        self.trace_gate = TraceGate(bound, names, start) if bound < (1 << 64) else None
-
-    def _start(self, low: int):
-        """TraceGate.start: a new trace whose low 64 id bits are the Session's draw (already
-        below the ratio bound), or None when the rate limit says no."""
-        if not self._sampler.allow():
-            return None
-        tc = TraceContext((new_high64() << 64) | low, 0, new_span_id(), new_span_id(), True)
-        return tc, format_traceparent(tc.trace_id, tc.client_id, True)
+        # W3C alone: a new trace needs one header, which the Session adds itself
+        # (TraceGate.start), taking the rate limit's token as this hook would
+        self.trace_gate = (TraceGate(bound, names, new_traces=self._w3c and not self._b3,
+                                     allow=self._sampler.allow if self._sampler.rate else None)
+                           if bound < (1 << 64) else None)
 
     def on_request(self, req: Request) -> None:
         # First in the chain, so the parser's header list is still the request's: reading it

@@ -81,7 +81,8 @@ def count_pipeline_entries(monkeypatch):
 def run(twin: str, exchanges, *, tracing: str = "sampling_rate = 0.25", extra: str = "",
         domains: str = "[]", server: str = "", prepare=None):
     """Send each (request, response) pair through one twin on one keep-alive connection.
-    Returns (transport log, targets that entered the pipeline, exchanges built, runtime)."""
+    Returns (transport log, targets that entered the pipeline, exchanges built or queued
+    for the export thread (those of the traces the Session started, last), runtime)."""
     impl = TWINS[twin]
     loop = asyncio.new_event_loop()
     try:
@@ -126,6 +127,11 @@ def run(twin: str, exchanges, *, tracing: str = "sampling_rate = 0.25", extra: s
                 conn.data_received(response)
             log.append(("state", session.state, session.requests))
         runtime.test_sinks = state.observers.sinks
+        # the exchanges of traces the Session started, queued unbuilt (put_started)
+        for sink in state.observers.sinks:
+            if isinstance(sink, TracingSink):
+                built += [(args[5], args[3].target.decode()) for _, args, _ in sink.batcher.queue
+                          if isinstance(args, tuple) and len(args) == 17]
         return log, list(starts), built, runtime
     finally:
         loop.close()
@@ -147,6 +153,18 @@ def expected_draws(n: int) -> list[int]:
     return [tracing_gate.draw() for _ in range(n)]
 
 
+def expected_starts(n: int, bound: int) -> list:
+    """Per request, (low draw, None) or, for a sampled one the Session starts itself,
+    (low, (high, server span, client span)): the ids come from the same generator."""
+    tracing_gate.seed(SEED)
+    out = []
+    for _ in range(n):
+        low = tracing_gate.draw()
+        out.append((low, tuple(tracing_gate._nonzero() for _ in range(3)) if low < bound
+                    else None))
+    return out
+
+
 def numbered(n: int, response: bytes = OK):
     return [(GET.replace(b"/a", b"/r%d" % i), response) for i in range(n)]
 
@@ -156,23 +174,25 @@ def test_sampled_draws_start_their_trace_without_the_pipeline(twin):
     log, starts, built, runtime = run(twin, numbered(40))
     gate = runtime.pipeline.trace_gate
     assert isinstance(gate, TraceGate) and gate.names == (b"traceparent",)
-    assert gate.start is not None  # W3C alone: the Session starts new traces itself
-    draws = expected_draws(40)
-    sampled = [i for i, d in enumerate(draws) if d < gate.bound]
-    assert 3 <= len(sampled) <= 20  # ratio 0.25 over 40 draws of this seed
+    assert gate.new_traces  # W3C alone: the Session starts new traces itself
+    expected = expected_starts(40, gate.bound)
+    sampled = [i for i, (_, ids) in enumerate(expected) if ids is not None]
+    assert 3 <= len(sampled) <= 20  # ratio 0.25 over 40 requests with this seed
     assert starts == []  # no request entered the pipeline: no Python filter call
     heads = upstream_heads(log)
     assert len(heads) == 40
     sent = {}
     for i, head in enumerate(heads):
         tp = traceparent(head)
-        if i in sampled:
-            # the gate's draw is the trace id's low 64 bits (ratio rule), and the header
-            # is added once, after the client's headers
-            assert tp is not None and tp.endswith(b"-01")
-            assert int(tp[3:35], 16) & tracing_gate.MASK64 == draws[i]
+        low, ids = expected[i]
+        if ids is not None:
+            # the gate's draw is the trace id's low 64 bits (ratio rule), the rest of the
+            # ids come next from the same generator, and the header is added once
+            high, _, client = ids
+            assert tp == b"00-%016x%016x-%016x-01" % (high, low, client)
             assert head.lower().count(b"traceparent:") == 1
-            sent[int(tp[3:35], 16)] = int(tp[36:52], 16)
+            assert head.index(b"traceparent:") > head.index(b"Host:")  # after the client's
+            sent[(high << 64) | low] = ids
         else:
             assert tp is None
     # the log gate: only the traced exchanges are built (no errors, no slow threshold)
@@ -180,11 +200,13 @@ def test_sampled_draws_start_their_trace_without_the_pipeline(twin):
     assert gate.low == -1  # every draw passed on was taken
     # each kept trace: a SERVER span (the root) and the CLIENT span the upstream saw
     sink = next(s for s in runtime.test_sinks if isinstance(s, TracingSink))
+    assert runtime.trace_sink is sink and sink.started == len(sampled)  # put_started's path
     servers = {s.context.trace_id: s for s in sink.batcher.spans if s.kind.name == "SERVER"}
     clients = {s.context.trace_id: s for s in sink.batcher.spans if s.kind.name == "CLIENT"}
     assert set(servers) == set(clients) == set(sent)
-    for trace_id, client_span in sent.items():
+    for trace_id, (_, server_span, client_span) in sent.items():
         assert servers[trace_id].parent is None
+        assert servers[trace_id].context.span_id == server_span
         assert clients[trace_id].context.span_id == client_span
         assert clients[trace_id].parent.span_id == servers[trace_id].context.span_id
         assert servers[trace_id].attributes["dispa.sampling.reason"] == "head"
@@ -195,7 +217,7 @@ def test_with_b3_to_write_sampled_draws_enter_the_filter_which_uses_the_draw(twi
     log, starts, built, runtime = run(twin, numbered(40), tracing=(
         'sampling_rate = 0.25\npropagators = ["tracecontext", "b3"]'))
     gate = runtime.pipeline.trace_gate
-    assert gate.start is None
+    assert not gate.new_traces
     draws = expected_draws(40)
     sampled = [i for i, d in enumerate(draws) if d < gate.bound]
     assert starts == [b"/r%d" % i for i in sampled]

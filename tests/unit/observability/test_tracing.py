@@ -105,6 +105,46 @@ def test_each_attempt_is_a_client_span_and_the_last_carries_the_injected_id(make
     assert second.attributes["http.request.resend_count"] == 1
 
 
+def test_a_started_trace_is_queued_unbuilt_and_counted_when_metrics_are_read():
+    # TracingSink.put_started: the Session's own traces (tracing_gate.py) reach the export
+    # thread as make_exchange's arguments; the count reaches the metrics at export time
+    from dispa.observability.metrics import WorkerMetrics
+    from dispa.protocols.http1 import RequestParser
+    wm = WorkerMetrics()
+    sink = TracingSink(part(), SinkContext(None, wm, 3), None)
+    sink.batcher.close(0.1)
+    sink.batcher = Caught()
+    parser = RequestParser()
+    parser.feed(b"GET /a?q=1 HTTP/1.1\r\nHost: api.example\r\nUser-Agent: t\r\n\r\n")
+    parser.next_event()
+    head = parser.head
+    tc = TraceContext(TRACE, 0, 0x1111, 0x2222, True)
+    t0 = 1000.0
+    args = (t0, t0 + 0.05, "10.0.0.7", head, "api.example", 200, 0, 12, b"rid-1", None,
+            "10.1.1.1:80", [("10.1.1.1:80", t0 + 0.01, t0 + 0.04, "ok")], None, None, "http",
+            None, tc)
+    for _ in range(3):
+        sink.put_started(args)
+    assert len(sink.batcher.queue) == 3 and sink.started == 3  # nothing built yet
+    spans = sink.batcher.spans
+    assert [s.kind for s in spans] == [SpanKind.SERVER, SpanKind.CLIENT] * 3
+    server, client = spans[:2]
+    assert server.context.trace_id == TRACE and server.context.span_id == 0x1111
+    assert server.parent is None and client.context.span_id == 0x2222
+    assert server.attributes["url.path"] == "/a" and server.attributes["url.query"] == "q=1"
+    assert server.attributes["dispa.sampling.reason"] == "head"
+
+    def traces_head():
+        exp = wm.export()
+        return sum(v for n, l, v in exp["counters"]
+                   if n == "dispa_traces_total" and [list(x) for x in l] == [["outcome", "head"]])
+    assert traces_head() == 3
+    sink.put_started(args)
+    assert traces_head() == 4  # folded once, not again
+    sink.close()  # a dropped sink folds what is left and stops being read
+    assert sink._collect not in wm._collectors
+
+
 def test_an_unsampled_request_builds_nothing(make_sink):
     sink = make_sink(sampling_rate=0.0)
     sink(exchange())
