@@ -373,7 +373,7 @@ class TracingSink:
         """Graceful shutdown: export everything queued (in a thread: it blocks)."""
         await asyncio.get_running_loop().run_in_executor(None, self.batcher.flush)
         if self.metrics is not None:
-            self._report()
+            self._collect(None)
 
     def close(self) -> None:
         """Dropped by a new snapshot: export what is queued and stop, off the loop."""

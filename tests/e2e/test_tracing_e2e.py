@@ -201,3 +201,47 @@ def test_graceful_shutdown_flushes_queued_spans(dispa, origin, receiver):
     assert d.stop() == 0
     spans = receiver.wait_spans(lambda s: len(s) >= 6, timeout=5, what="the flushed spans")
     assert len([s for s in spans if s.kind == "SERVER"]) == 3
+
+
+def test_new_traces_the_session_starts_reach_the_origin_and_the_receiver(dispa, origin, receiver):
+    # W3C alone at a ratio below 1: a sampled request without a parent gets its trace from
+    # the Session itself (observability/tracing_gate.py), not from the tracing filter
+    d = dispa(targets=[("a", origin.url)],
+              extra=tracing_toml(receiver.otlp_http_url, sampling_rate=0.5))
+    for i in range(40):
+        assert http_get(d.port, f"/n{i}")[0] == 200
+    sent = {}
+    for r in origin.requests:
+        tp = header(r, b"traceparent")
+        if tp is not None:
+            version, trace, parent, flags = tp.split("-")
+            assert (version, flags) == ("00", "01") and trace != "0" * 32
+            sent[trace] = parent
+    assert 5 <= len(sent) <= 35  # about half of 40
+    spans = receiver.wait_spans(
+        lambda s: len({x.trace_id for x in s if x.kind == "SERVER"}) >= len(sent),
+        what="a SERVER span for every traced request")
+    assert {s.trace_id for s in spans} == set(sent)  # untraced requests exported nothing
+    for trace, parent in sent.items():
+        server = next(s for s in spans if s.trace_id == trace and s.kind == "SERVER")
+        client = next(s for s in spans if s.trace_id == trace and s.kind == "CLIENT")
+        assert not server.parent_span_id  # a new trace: Dispa's SERVER span is the root
+        assert client.parent_span_id == server.span_id
+        assert client.span_id == parent  # the origin's parent is Dispa's CLIENT span
+        assert server.attributes["dispa.sampling.reason"] == "head"
+
+
+def test_graceful_shutdown_flushes_the_traces_the_session_started(dispa, origin, receiver):
+    text = tracing_toml(receiver.otlp_http_url, sampling_rate=0.999).replace(
+        "schedule_delay = 0.1", "schedule_delay = 600")
+    d = dispa(targets=[("a", origin.url)], extra=text)
+    for _ in range(3):
+        assert http_get(d.port, "/")[0] == 200
+    traced = {header(r, b"traceparent").split("-")[1] for r in origin.requests
+              if header(r, b"traceparent")}
+    assert len(traced) >= 2  # at a ratio of 0.999, all three but for a rare draw
+    assert receiver.spans == []  # held by the 600 s batching delay
+    assert d.stop() == 0
+    spans = receiver.wait_spans(lambda s: len(s) >= 2 * len(traced), timeout=5,
+                                what="the flushed spans")
+    assert {s.trace_id for s in spans if s.kind == "SERVER"} == traced
