@@ -110,10 +110,6 @@ class TraceGate:
             return DRAWN
         return SKIP
 
-    def wants(self, headers) -> bool:
-        """True when tracing has something to do for a request with these headers."""
-        return self.check(headers) != SKIP
-
 
 class LogGate:
     """What one log-phase sink needs (see the module docstring)."""

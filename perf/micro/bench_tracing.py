@@ -142,7 +142,6 @@ def cpu_per_request(config: str, *, gates: bool) -> float:
     from dispa.config.load import load_config_text
     from dispa.observability.metrics import WorkerMetrics
     from dispa.observability.tracing import TracingSink
-    from dispa.observability.tracing_otlp import encode_spans
     from dispa.proxy.protocol import Pool, Session, UpstreamConnection
     from dispa.proxy.runtime import WorkerState, build_runtime
     from dispa.routing.vhost import normalize_host

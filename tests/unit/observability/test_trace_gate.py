@@ -371,15 +371,13 @@ def test_log_gate_of_combines_or_gives_up():
     assert log_gate_of([_Sink(LogGate(False, 0, "a")), _Sink(LogGate(False, 0, "b"))]) is None
 
 
-def test_trace_gate_wants_headers_or_a_low_draw():
+def test_trace_gate_checks_headers_then_a_low_draw():
     gate = TraceGate(0, (b"traceparent", b"b3"))
-    assert gate.wants([(b"Host", b"x"), (b"B3", b"1")])
     assert gate.check([(b"Host", b"x"), (b"B3", b"1")]) == tracing_gate.PARENT
-    assert not gate.wants([(b"Host", b"x")]) and gate.low == -1
-    assert gate.check([(b"Host", b"x")]) == tracing_gate.SKIP
+    assert gate.check([(b"Host", b"x")]) == tracing_gate.SKIP and gate.low == -1
     gate = TraceGate(tracing_gate.MASK64, (b"traceparent",))
     assert gate.check([]) == tracing_gate.DRAWN and gate.take() >= 0
-    assert gate.wants([]) and gate.low >= 0
+    assert gate.check([]) == tracing_gate.DRAWN and gate.low >= 0
     assert gate.take() >= 0 and gate.take() == -1
     with pytest.raises(ValueError):
         TraceGate(1 << 64, ())
