@@ -268,7 +268,7 @@ cdef int _gates_of(_RuntimeView v, object rt) except -1:
         v.ts_queue = q
         v.ts_max = b.max_queue_size
         v.ts_batch = b.max_batch
-        v.ts_wake = b._wake.set
+        v.ts_wake = b.kick
         v.ts_build = ts._started_spans
     lg = getattr(rt, "log_gate", None)
     v.log_gate = lg

@@ -143,7 +143,8 @@ class TracingSink:
             max_queue_size=int(batch.get("max_queue_size", 2048)),
             max_export_batch_size=int(batch.get("max_export_batch_size", 512)),
             schedule_delay=float(batch.get("schedule_delay", 5.0)),
-            export_timeout=float(batch.get("export_timeout", 30.0)))
+            export_timeout=float(batch.get("export_timeout", 30.0)),
+            loop=self.loop)
         self._reported = (0, 0, 0)
         # traces the Session started and queued itself (put_started, or the compiled
         # Session's C twin of it); folded into dispa_traces_total when metrics are read

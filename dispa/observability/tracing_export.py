@@ -9,12 +9,21 @@ an exporter.
 
 :class:`SpanBatcher` is Dispa's own batcher, the SDK BatchSpanProcessor's algorithm
 without its per-drop warning log line: the event loop appends finished spans to a bounded
-deque (``put``, O(1), never blocks), and a daemon thread exports them in batches of
+deque (``put``, O(1), never blocks), and a thread exports them in batches of
 ``max_export_batch_size`` every ``schedule_delay`` seconds, or as soon as a batch is full.
 When the deque is full, new spans are dropped and counted (``dropped``), so a slow or absent
 collector never grows memory or slows requests. ``flush`` (graceful shutdown) exports
-everything queued, from the calling thread; ``close`` stops the thread and shuts the
+everything queued, from the calling thread; ``close`` stops the schedule and shuts the
 exporter down.
+
+In a worker (a batcher given the event loop) the export thread lives only while it exports:
+the loop's timer (``schedule_delay``) or a full batch (:meth:`SpanBatcher.kick`) starts one,
+it exports everything queued and exits. A worker with a second thread, even an idle one,
+loses the kernel's and the C library's single-threaded fast paths (a shared file table makes
+every fd lookup of every system call take and drop a reference): in ``pair64`` runs an idle
+extra thread cost Dispa 1-4 % of its CPU per request, a thread that had exited nothing
+(docs/tracing.md#overhead). Without a loop (tools, tests) one standing thread keeps the
+schedule, as the SDK's processor does.
 
 Spans are :class:`FinishedSpan` records, built with explicit ids and start/end timestamps
 (the request already happened): the arguments of the OTLP encoder
@@ -313,11 +322,13 @@ class _ZipkinWithHeaders:
 
 
 class SpanBatcher:
-    """A bounded queue of finished spans, exported in batches by one daemon thread."""
+    """A bounded queue of finished spans, exported in batches off the event loop (see the
+    module docstring: with ``loop``, by short-lived threads the loop starts; without, by
+    one standing daemon thread)."""
 
     def __init__(self, exporter, *, max_queue_size: int = 2048,
                  max_export_batch_size: int = 512, schedule_delay: float = 5.0,
-                 export_timeout: float = 30.0):
+                 export_timeout: float = 30.0, loop=None):
         self.exporter = exporter
         self.max_queue_size = max_queue_size
         self.max_batch = max_export_batch_size
@@ -327,12 +338,45 @@ class SpanBatcher:
         self.dropped = 0    # spans refused because the queue was full
         self.exported = 0   # spans the exporter accepted
         self.failed = 0     # spans in batches the exporter failed
-        self._wake = threading.Event()
+        self.threads_started = 0  # export threads started (loop mode)
         self._lock = threading.Lock()  # one export at a time (thread vs flush)
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="dispa-span-export",
-                                        daemon=True)
-        self._thread.start()
+        self._loop = loop
+        self._thread: threading.Thread | None = None
+        self._timer = None
+        if loop is not None:
+            self._wake = None
+            self._timer = loop.call_later(schedule_delay, self._tick)
+        else:
+            self._wake = threading.Event()
+            self._thread = threading.Thread(target=self._run, name="dispa-span-export",
+                                            daemon=True)
+            self._thread.start()
+
+    def kick(self) -> None:
+        """Export what is queued now, off the calling thread (the event loop's, in loop
+        mode: a put that fills a batch, and the timer). Never blocks; a no-op while an
+        export thread is still running, which exports what was queued meanwhile too."""
+        if self._wake is not None:
+            self._wake.set()
+            return
+        if self._closed or not self.queue:
+            return
+        t = self._thread
+        if t is not None and t.is_alive():
+            return
+        t = threading.Thread(target=self._export_all, name="dispa-span-export",
+                             daemon=True)
+        self._thread = t
+        self.threads_started += 1
+        t.start()
+
+    def _tick(self) -> None:
+        # loop mode: the schedule_delay timer, on the loop
+        if self._closed:
+            return
+        self.kick()
+        self._timer = self._loop.call_later(self.delay, self._tick)
 
     def put_deferred(self, build, args: tuple, n: int) -> None:
         """Queue the ``n`` spans ``build(*args)`` will return, built in the export thread
@@ -347,7 +391,7 @@ class SpanBatcher:
             return
         q.append((build, args, n))
         if len(q) >= self.max_batch:
-            self._wake.set()
+            self.kick()
 
     def put(self, spans) -> None:
         """Queue finished spans (event loop; never blocks)."""
@@ -358,9 +402,10 @@ class SpanBatcher:
             spans = spans[:max(room, 0)]
         q.extend(spans)
         if len(q) >= self.max_batch:
-            self._wake.set()
+            self.kick()
 
     def _run(self) -> None:
+        # the standing thread (no loop)
         while not self._closed:
             self._wake.wait(self.delay)
             self._wake.clear()
@@ -417,8 +462,19 @@ class SpanBatcher:
             return
         self.flush(timeout)
         self._closed = True
-        self._wake.set()
-        self._thread.join(timeout)
+        timer = self._timer
+        if timer is not None:
+            # cancelled on the loop's thread (close may run in another one); _tick also
+            # checks _closed, for a timer already due
+            try:
+                self._loop.call_soon_threadsafe(timer.cancel)
+            except RuntimeError:  # the loop is closed already: nothing will run it
+                pass
+        if self._wake is not None:
+            self._wake.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
         try:
             self.exporter.shutdown()
         except Exception:  # noqa: BLE001

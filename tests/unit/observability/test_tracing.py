@@ -4,6 +4,7 @@ before the exporter."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import msgspec
@@ -316,12 +317,86 @@ def test_deferred_entries_are_built_in_the_export_thread_and_bounded():
     b.put_deferred(build, ("c1",), 1)  # the queue holds 3 entries: dropped, counted
     assert b.dropped == 1 and built_in == []  # nothing built on the caller's thread yet
     exp.gate.set()
-    b._wake.set()
+    b.kick()
     assert b.flush(5)
     assert [x for batch in exp.batches for x in batch] == ["a1", "a2", "b1", "b2", "b3"]
     assert all(len(batch) <= 4 for batch in exp.batches)
     assert b.exported == 5 and b.failed == 2  # the broken record's spans
     b.close(1)
+
+
+class LoopExporter:
+    """Hands each exported batch, and the thread that exported it, to the loop's queue."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.done: asyncio.Queue = asyncio.Queue()
+
+    def export(self, batch):
+        self.loop.call_soon_threadsafe(self.done.put_nowait,
+                                       (list(batch), threading.current_thread()))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self):
+        pass
+
+
+def test_a_batcher_with_a_loop_keeps_no_thread_between_exports():
+    # a worker must stay single-threaded while it serves (tracing_export's docstring)
+    async def main():
+        loop = asyncio.get_running_loop()
+        before = set(threading.enumerate())
+        exp = LoopExporter(loop)
+        b = SpanBatcher(exp, max_export_batch_size=4, schedule_delay=0.05, loop=loop)
+        b.put([1, 2])
+        assert set(threading.enumerate()) == before and b.threads_started == 0
+        batch, thread = await asyncio.wait_for(exp.done.get(), 5)  # the timer's export
+        assert batch == [1, 2] and thread is not threading.main_thread()
+        b._thread.join(5)
+        assert set(threading.enumerate()) == before  # the export thread has exited
+        b.put([3])
+        batch, _ = await asyncio.wait_for(exp.done.get(), 5)  # the next tick, a new thread
+        b._thread.join(5)  # export() has returned, and its count is in
+        assert batch == [3] and b.threads_started == 2 and b.exported == 3
+        b.close(1)
+        await asyncio.sleep(0)  # the cancel close scheduled on the loop
+        assert b._timer.cancelled()
+        b.put([4])
+        b.kick()
+        assert b.threads_started == 2  # closed: nothing more starts
+    asyncio.run(main())
+
+
+def test_a_full_batch_starts_an_export_at_once_and_the_idle_timer_starts_none():
+    async def main():
+        loop = asyncio.get_running_loop()
+        exp = LoopExporter(loop)
+        b = SpanBatcher(exp, max_export_batch_size=3, schedule_delay=0.01, loop=loop)
+        for _ in range(3):  # ticks with an empty queue start no thread
+            await asyncio.sleep(0.02)
+        assert b.threads_started == 0
+        b.close(1)
+        b = SpanBatcher(exp, max_export_batch_size=3, schedule_delay=600, loop=loop)
+        b.put_deferred(lambda *xs: list(xs), ("a", "b"), 2)
+        assert b.threads_started == 0
+        b.put([1, 2])  # the queue reaches a batch
+        assert b.threads_started == 1
+        batches = [(await asyncio.wait_for(exp.done.get(), 5))[0] for _ in range(2)]
+        assert batches == [["a", "b", 1], [2]]
+        b._thread.join(5)
+        b.close(1)
+    asyncio.run(main())
+
+
+def test_a_tracing_sink_in_a_worker_batches_in_loop_mode():
+    async def main():
+        loop = asyncio.get_running_loop()
+        before = set(threading.enumerate())
+        sink = TracingSink(part(), SinkContext(loop, None, 0), None)
+        assert sink.batcher._loop is loop and set(threading.enumerate()) == before
+        sink.close()
+        sink.batcher._thread and sink.batcher._thread.join(5)
+    asyncio.run(main())
 
 
 # -- configuration -------------------------------------------------------------------------
