@@ -27,13 +27,13 @@ from collections import deque
 
 from dispa.protocols.http2.grpc_health import h2_client_context  # noqa: F401 - re-export
 import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
 from dispa.errors import UpstreamError
+from dispa.protocols.http2 import connection as _connection
 from dispa.protocols.http2 import hpack_codec
 
 log = logging.getLogger("dispa.h2.upstream")
@@ -49,7 +49,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                                         validate_inbound_headers=True,
                                         validate_outbound_headers=False,
                                         normalize_outbound_headers=False)
-        self.conn = h2.connection.H2Connection(config=cfg)
+        self.conn = _connection.Connection(config=cfg)  # h2's (protocols/http2/connection.py)
         hpack_codec.install(self.conn)  # compiled HPACK when built (h2's header checks kept)
         s = h2.settings.SettingCodes
         self.conn.local_settings = h2.settings.Settings(client=True, initial_values={

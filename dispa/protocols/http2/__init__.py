@@ -39,12 +39,12 @@ import time
 from dataclasses import dataclass
 
 import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from dispa.protocols.http2 import connection as _connection
 from dispa.protocols.http2 import hpack_codec
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -128,7 +128,7 @@ class H2Core:
                                         normalize_inbound_headers=h2_checks,
                                         validate_outbound_headers=False,
                                         normalize_outbound_headers=False)
-        self.conn = h2.connection.H2Connection(config=cfg)
+        self.conn = _connection.Connection(config=cfg)  # h2's, see connection.py
         hpack_codec.install(self.conn)  # compiled HPACK when built (hpack_codec.py)
         s = h2.settings.SettingCodes
         initial = {
