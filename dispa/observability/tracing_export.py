@@ -19,8 +19,8 @@ exporter down.
 In a worker (a batcher given the event loop) the export thread lives only while it exports:
 the loop's timer (``schedule_delay``) or a full batch (:meth:`SpanBatcher.kick`) starts one,
 it exports everything queued and exits. A worker with a second thread, even an idle one,
-loses the kernel's and the C library's single-threaded fast paths (a shared file table makes
-every fd lookup of every system call take and drop a reference): in ``pair64`` runs an idle
+loses single-threaded fast paths (the kernel's, most likely: while the file table is shared,
+every system call's fd lookup takes and drops a reference): in ``pair64`` runs an idle
 extra thread cost Dispa 1-4 % of its CPU per request, a thread that had exited nothing
 (docs/tracing.md#overhead). Without a loop (tools, tests) one standing thread keeps the
 schedule, as the SDK's processor does.
