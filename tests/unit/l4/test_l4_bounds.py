@@ -4,10 +4,10 @@ listener's replacement, and the bounds on UDP memory (pending datagrams, send bu
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from dispa.l4.manager import L4Manager, drain_margin
 from dispa.l4.udp import _MAX_PENDING_BYTES, UDP_SEND_BUFFER_LIMIT, UdpSession
+from tests.support.dispa_proc import free_port
 
 
 class FakeMetrics:
@@ -47,12 +47,6 @@ def udp_spec(name: str, port: int) -> dict:
 
 def tcp_spec(name: str, port: int) -> dict:
     return dict(udp_spec(name, port), protocol="tcp")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_replaced_listener_keeps_its_counters_and_a_retired_one_folds_in():
