@@ -5,6 +5,9 @@ Run:  python perf/micro/bench_h2_downstream.py              (CPU us per request)
                                                             header checks, alternated)
       python perf/micro/bench_h2_downstream.py --profile    (plus a cProfile top-25)
       BENCH_N=4000 BENCH_REPEAT=3 ...                       (requests per run, runs)
+      python perf/micro/bench_h2_downstream.py --h2-connection
+                                  (h2's own H2Connection instead of Dispa's subclass,
+                                   dispa/protocols/http2/connection.py)
 
 h2load-like traffic through a real :class:`~dispa.proxy.h2_session.H2Session` and the
 HTTP/1.1 Session it bridges each stream to (compiled or pure, see dispa.proxy.protocol),
@@ -272,6 +275,11 @@ def main() -> None:
     from dispa.protocols.http2 import hpack_codec
     from dispa.proxy.protocol import IMPLEMENTATION
     compare = "--compare" in sys.argv and hpack_codec.IMPLEMENTATION == "compiled"
+    if "--h2-connection" in sys.argv:
+        import h2.connection
+
+        from dispa.protocols.http2 import connection
+        connection.Connection = h2.connection.H2Connection
     benches = {True: _ready(True)}
     if compare:
         benches[False] = _ready(False)
