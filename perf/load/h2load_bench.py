@@ -8,11 +8,20 @@ duration. Usage::
     python perf/load/h2load_bench.py --rounds 3 --duration 5 --json perf/results/h2.json
 
 Prints one JSON line per round and a summary with the Dispa/nginx throughput ratio (target
->= 0.6, docs/http2.md#measured) and CPU per request.
+>= 0.6, docs/http2.md#measured) and CPU per request, split into user and system time.
+
+The summary also says what the target leaves to spend: ``budget_cpu_us`` is nginx's CPU per
+request over the target ratio (CPU-bound workers: throughput goes as 1/CPU), and
+``budget_user_us`` what is left of it for Dispa's own code once its system time (sockets,
+epoll: the kernel's share, which no Python change removes) is paid. ``h2_floor_us`` is the
+``h2`` library alone serving the same kind of traffic in-process on the proxy's CPUs
+(perf/micro/bench_h2_downstream.py ``floor()``), measured once per round: while it exceeds
+``budget_user_us`` no glue can reach the target with ``h2`` as it is.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import subprocess
@@ -47,6 +56,20 @@ def run_h2load(port: int, duration: float, conns: int, streams: int, cpus: str) 
             "rps": float(rps.group(1))}
 
 
+MICRO = Path(__file__).resolve().parent.parent / "micro"
+
+
+def h2_floor_us(cpus: str) -> float:
+    """The h2 library alone, in-process, on ``cpus``: CPU µs per request (see the doc)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench_h2_downstream"
+            " as b; print(json.dumps(b.floor(4000, 3)))")
+    p = subprocess.run(["taskset", "-c", cpus, sys.executable, "-c", code, str(MICRO)],
+                       capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError(f"floor run failed: {p.stderr[-600:]}")
+    return round(json.loads(p.stdout.strip().splitlines()[-1]), 1)
+
+
 def main(argv=None) -> int:
     ap = bc.parser(__doc__)
     ap.add_argument("--conns", type=int, default=8)
@@ -71,21 +94,41 @@ def main(argv=None) -> int:
         dispa.h2_port = dispa.port  # one listener: the h2c preface is detected
 
         def measure(name: str, srv: h.Server) -> dict:
-            r, cpu = bc.measured(srv, lambda: run_h2load(
-                srv.h2_port, args.duration, args.conns, args.streams, layout.cpuset("load")))
-            return {name: {"rps": round(r["rps"], 1), "failed": r["failed"],
-                           "cpu_us_per_req": bc.per_req(cpu, r["requests"])}}
+            u0, s0 = h.tree_cpu_split_us(srv.proc.pid)
+            r = run_h2load(srv.h2_port, args.duration, args.conns, args.streams,
+                           layout.cpuset("load"))
+            u1, s1 = h.tree_cpu_split_us(srv.proc.pid)
+            n = r["requests"]
+            row = {name: {"rps": round(r["rps"], 1), "failed": r["failed"],
+                          "cpu_us_per_req": bc.per_req(u1 - u0 + s1 - s0, n),
+                          "user_us_per_req": bc.per_req(u1 - u0, n),
+                          "sys_us_per_req": bc.per_req(s1 - s0, n)}}
+            if name == "dispa":
+                row["h2_floor_us"] = h2_floor_us(layout.cpuset("proxy"))
+            return row
 
         rounds = bc.run_rounds(servers, args.rounds, measure)
         per_round = [r["dispa"]["rps"] / r["nginx"]["rps"] for r in rounds if r["nginx"]["rps"]]
-        dc = statistics.median(r["dispa"]["cpu_us_per_req"] for r in rounds)
-        nc = statistics.median(r["nginx"]["cpu_us_per_req"] for r in rounds)
-        summary = {"dispa_rps": statistics.median(r["dispa"]["rps"] for r in rounds),
-                   "nginx_rps": statistics.median(r["nginx"]["rps"] for r in rounds),
+
+        def med(name, key):
+            return statistics.median(r[name][key] for r in rounds)
+
+        dc, nc = med("dispa", "cpu_us_per_req"), med("nginx", "cpu_us_per_req")
+        target = 0.6
+        budget = round(nc / target, 1) if nc else None
+        summary = {"dispa_rps": med("dispa", "rps"), "nginx_rps": med("nginx", "rps"),
                    **bc.ratios(per_round),
                    "dispa_cpu_us": dc, "nginx_cpu_us": nc,
                    "cpu_ratio": round(dc / nc, 3) if nc else None,
-                   "target_ratio": 0.6}
+                   "dispa_user_us": med("dispa", "user_us_per_req"),
+                   "dispa_sys_us": med("dispa", "sys_us_per_req"),
+                   "nginx_user_us": med("nginx", "user_us_per_req"),
+                   "nginx_sys_us": med("nginx", "sys_us_per_req"),
+                   "target_ratio": target,
+                   "budget_cpu_us": budget,
+                   "budget_user_us": round(budget - med("dispa", "sys_us_per_req"), 1)
+                   if budget else None,
+                   "h2_floor_us": statistics.median(r["h2_floor_us"] for r in rounds)}
         return bc.report({"workers": args.workers, "conns": args.conns,
                           "streams": args.streams, "duration": args.duration},
                          layout, rounds, summary, args.json)

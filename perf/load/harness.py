@@ -229,13 +229,21 @@ def tree_pids(root: int, stats: dict[int, list[str]] | None = None) -> list[int]
 
 def tree_cpu_us(root: int) -> float:
     """utime+stime (+cutime+cstime of reaped children) of the whole process tree, in µs."""
+    user, system = tree_cpu_split_us(root)
+    return user + system
+
+
+def tree_cpu_split_us(root: int) -> tuple[float, float]:
+    """(user, system) CPU µs of the whole process tree, reaped children included: what
+    the process ran itself and what the kernel ran for it (system calls, softirqs)."""
     stats = _all_stats()
-    total = 0
+    user = system = 0
     for pid in tree_pids(root, stats):
         st = stats[pid]
-        # fields 14..17 (1-based) -> rest index 11..14
-        total += int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])
-    return total * 1e6 / CLK_TCK
+        # fields 14..17 (1-based: utime, stime, cutime, cstime) -> rest index 11..14
+        user += int(st[11]) + int(st[13])
+        system += int(st[12]) + int(st[14])
+    return user * 1e6 / CLK_TCK, system * 1e6 / CLK_TCK
 
 
 def tree_mem_kb(root: int) -> dict:

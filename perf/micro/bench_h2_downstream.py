@@ -8,6 +8,8 @@ Run:  python perf/micro/bench_h2_downstream.py              (CPU us per request)
       python perf/micro/bench_h2_downstream.py --h2-connection
                                   (h2's own H2Connection instead of Dispa's subclass,
                                    dispa/protocols/http2/connection.py)
+      python perf/micro/bench_h2_downstream.py --floor
+                                  (also the h2 library alone: the floor)
 
 h2load-like traffic through a real :class:`~dispa.proxy.h2_session.H2Session` and the
 HTTP/1.1 Session it bridges each stream to (compiled or pure, see dispa.proxy.protocol),
@@ -19,6 +21,13 @@ responses, then one event-loop turn (the session's write flush). The client's by
 encoded before the clock starts (hpack + hyperframe, the client is not measured) and the
 server's output is only counted, not decoded. CPU time (``time.process_time``), best of
 ``BENCH_REPEAT`` runs: the machine is shared, wall time would measure the neighbours.
+
+``--floor`` (:func:`floor`) times what no glue can remove: the same client bytes fed to an
+:class:`~dispa.protocols.http2.H2Core` alone (``h2`` with Dispa's limits and compiled
+HPACK), each request answered straight away with ``send_headers`` and one ``send_data``
+carrying the same response, one ``data_to_send`` per batch; no streams, no Session, no
+upstream, no event loop. perf/load/h2load_bench.py reports it next to the CPU budget the
+target leaves (docs/http2.md#measured).
 """
 
 from __future__ import annotations
@@ -231,6 +240,45 @@ class Bench:
         return (time.process_time() - t) / (len(batches) * STREAMS) * 1e6
 
 
+# the response the bridge sends for OK (h2_session._response_headers: hop-by-hop dropped)
+RESPONSE = [(b":status", b"200"), (b"server", b"nginx/1.22.1"),
+            (b"date", b"Sun, 29 Nov 2026 07:30:00 GMT"), (b"content-type", b"text/plain"),
+            (b"content-length", b"64")]
+
+
+def floor(n: int = N, repeat: int = REPEAT) -> float:
+    """CPU us per request of the ``h2`` library alone serving this traffic (best of
+    ``repeat``): an H2Core answers each request at once, no glue (see the module doc)."""
+    import h2.events
+
+    from dispa.config.load import load_config_text
+    from dispa.protocols.http2 import H2Core, limits_from
+
+    limits = limits_from(load_config_text(CONFIG, fmt="toml").snapshot.http2)
+    best = float("inf")
+    for _ in range(repeat):
+        core = H2Core(limits)
+        core.initiate()
+        core.receive(preface())
+        core.data_to_send()
+        conn = core.conn
+        batches = client_bytes(max(1, n // STREAMS))
+        answered = 0
+        request_received = h2.events.RequestReceived
+        t = time.process_time()
+        for data in batches:
+            for ev in core.receive(data):
+                if type(ev) is request_received:
+                    sid = ev.stream_id
+                    conn.send_headers(sid, RESPONSE)
+                    conn.send_data(sid, BODY, end_stream=True)
+                    answered += 1
+            core.data_to_send()
+        best = min(best, (time.process_time() - t) / answered * 1e6)
+        assert answered == len(batches) * STREAMS and not conn.open_inbound_streams
+    return best
+
+
 _SAVED: dict = {}
 
 
@@ -293,6 +341,8 @@ def main() -> None:
     print(f"h2 downstream -> HTTP/1.1 upstream   {best[True]:7.1f} us/request CPU")
     if compare:
         print(f"  same, h2's own HPACK and checks  {best[False]:7.1f} us/request CPU")
+    if "--floor" in sys.argv:
+        print(f"  h2 library alone (the floor)     {floor():7.1f} us/request CPU")
     print(f"transport writes per batch {(b.transport.writes - w0) / batches:.2f}, "
           f"bytes out per request {(b.transport.written - n0) / (batches * STREAMS):.0f}")
     if "--profile" in sys.argv:
