@@ -112,9 +112,17 @@ def stop_all(*servers: h.Server) -> None:
 
 def measured(srv: h.Server, run: Callable[[], dict]) -> tuple[dict, float]:
     """``run()``'s result and the CPU microseconds ``srv``'s process tree spent meanwhile."""
-    c0 = h.tree_cpu_us(srv.proc.pid)
+    r, user, system = measured_split(srv, run)
+    return r, user + system
+
+
+def measured_split(srv: h.Server, run: Callable[[], dict]) -> tuple[dict, float, float]:
+    """``run()``'s result and the user and system CPU microseconds of ``srv``'s process
+    tree meanwhile."""
+    u0, s0 = h.tree_cpu_split_us(srv.proc.pid)
     r = run()
-    return r, h.tree_cpu_us(srv.proc.pid) - c0
+    u1, s1 = h.tree_cpu_split_us(srv.proc.pid)
+    return r, u1 - u0, s1 - s0
 
 
 def per_req(cpu_us: float, requests: int) -> float | None:

@@ -94,15 +94,13 @@ def main(argv=None) -> int:
         dispa.h2_port = dispa.port  # one listener: the h2c preface is detected
 
         def measure(name: str, srv: h.Server) -> dict:
-            u0, s0 = h.tree_cpu_split_us(srv.proc.pid)
-            r = run_h2load(srv.h2_port, args.duration, args.conns, args.streams,
-                           layout.cpuset("load"))
-            u1, s1 = h.tree_cpu_split_us(srv.proc.pid)
+            r, user, system = bc.measured_split(srv, lambda: run_h2load(
+                srv.h2_port, args.duration, args.conns, args.streams, layout.cpuset("load")))
             n = r["requests"]
             row = {name: {"rps": round(r["rps"], 1), "failed": r["failed"],
-                          "cpu_us_per_req": bc.per_req(u1 - u0 + s1 - s0, n),
-                          "user_us_per_req": bc.per_req(u1 - u0, n),
-                          "sys_us_per_req": bc.per_req(s1 - s0, n)}}
+                          "cpu_us_per_req": bc.per_req(user + system, n),
+                          "user_us_per_req": bc.per_req(user, n),
+                          "sys_us_per_req": bc.per_req(system, n)}}
             if name == "dispa":
                 row["h2_floor_us"] = h2_floor_us(layout.cpuset("proxy"))
             return row

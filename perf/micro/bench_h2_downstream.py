@@ -240,12 +240,6 @@ class Bench:
         return (time.process_time() - t) / (len(batches) * STREAMS) * 1e6
 
 
-# the response the bridge sends for OK (h2_session._response_headers: hop-by-hop dropped)
-RESPONSE = [(b":status", b"200"), (b"server", b"nginx/1.22.1"),
-            (b"date", b"Sun, 29 Nov 2026 07:30:00 GMT"), (b"content-type", b"text/plain"),
-            (b"content-length", b"64")]
-
-
 def floor(n: int = N, repeat: int = REPEAT) -> float:
     """CPU us per request of the ``h2`` library alone serving this traffic (best of
     ``repeat``): an H2Core answers each request at once, no glue (see the module doc)."""
@@ -253,7 +247,11 @@ def floor(n: int = N, repeat: int = REPEAT) -> float:
 
     from dispa.config.load import load_config_text
     from dispa.protocols.http2 import H2Core, limits_from
+    from dispa.proxy.h2_session import _response_headers
 
+    # the HEADERS the bridge sends for OK (hop-by-hop fields dropped)
+    head = OK.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    response = _response_headers(200, [tuple(line.split(b": ", 1)) for line in head])
     limits = limits_from(load_config_text(CONFIG, fmt="toml").snapshot.http2)
     best = float("inf")
     for _ in range(repeat):
@@ -270,7 +268,7 @@ def floor(n: int = N, repeat: int = REPEAT) -> float:
             for ev in core.receive(data):
                 if type(ev) is request_received:
                     sid = ev.stream_id
-                    conn.send_headers(sid, RESPONSE)
+                    conn.send_headers(sid, response)
                     conn.send_data(sid, BODY, end_stream=True)
                     answered += 1
             core.data_to_send()
